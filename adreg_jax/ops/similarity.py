@@ -1,0 +1,164 @@
+"""Image similarity measures: local NCC, global NCC, MSE, SSIM.
+
+Where this sits: the training loss is built from ``ncc_local`` and ``ssim``; evaluation reports all
+four. Images are (..., D, H, W, C); every measure returns one value per leading index (a scalar
+for an unbatched image), averaged over voxels and channels.
+
+Windowed statistics use separable filters with zero padding ("same" output size), as the
+convolutions of VoxelMorph's NCC and of pytorch-ssim do, so values match those implementations at
+the borders too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adreg_jax.ops._checks import check_same_shape
+
+_SPATIAL = (-4, -3, -2)
+
+
+def _filter_axis(x: jnp.ndarray, taps: np.ndarray, axis: int) -> jnp.ndarray:
+    """Correlate x with 1-D ``taps`` (odd length) along ``axis``, zero padding, same size.
+
+    A sum of shifted slices: XLA fuses it into one loop, O(voxels * len(taps)).
+    """
+    radius = len(taps) // 2
+    n = x.shape[axis]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (radius, radius)
+    padded = jnp.pad(x, pad)
+    out = 0.0
+    for offset, tap in enumerate(taps):
+        piece = jax.lax.slice_in_dim(padded, offset, offset + n, axis=axis % x.ndim)
+        out = out + (piece if tap == 1.0 else piece * float(tap))
+    return out
+
+
+def _filter3d(x: jnp.ndarray, taps: np.ndarray) -> jnp.ndarray:
+    for axis in _SPATIAL:
+        x = _filter_axis(x, taps, axis)
+    return x
+
+
+def _box_sum_axis(x: jnp.ndarray, window: int, axis: int) -> jnp.ndarray:
+    """Sliding sum of ``window`` values along ``axis`` (zero padding, same size) in O(voxels):
+    a running sum (cumsum) differenced at distance ``window``."""
+    radius = window // 2
+    n = x.shape[axis]
+    axis = axis % x.ndim
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (radius + 1, radius)
+    csum = jnp.cumsum(jnp.pad(x, pad), axis=axis)
+    upper = jax.lax.slice_in_dim(csum, window, window + n, axis=axis)
+    lower = jax.lax.slice_in_dim(csum, 0, n, axis=axis)
+    return upper - lower
+
+
+def box_sum(x: jnp.ndarray, window: int) -> jnp.ndarray:
+    """Sum over the window**3 box centred on each voxel of x (..., D, H, W, C), zeros outside."""
+    for axis in _SPATIAL:
+        x = _box_sum_axis(x, window, axis)
+    return x
+
+
+def ncc_local_map(
+    a: jnp.ndarray, b: jnp.ndarray, window: int = 9, eps: float = 1e-5
+) -> jnp.ndarray:
+    """The voxel-wise local NCC map (..., D, H, W, C) whose mean is ``ncc_local``."""
+    check_same_shape(a, b, ("a", "b"))
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be a positive odd integer; got {window}")
+    a = a.astype(jnp.float32)
+    b = b.astype(jnp.float32)
+    # One filtering pass over the five statistics, stacked on the channel axis.
+    stats = box_sum(jnp.concatenate([a, b, a * a, b * b, a * b], axis=-1), window)
+    sa, sb, saa, sbb, sab = jnp.split(stats, 5, axis=-1)
+    n = float(window**3)
+    cross = sab - sa * sb / n
+    var_a = saa - sa * sa / n
+    var_b = sbb - sb * sb / n
+    return cross * cross / (var_a * var_b + eps)
+
+
+def ncc_local(a: jnp.ndarray, b: jnp.ndarray, window: int = 9, eps: float = 1e-5) -> jnp.ndarray:
+    """Local normalised cross-correlation, a similarity in [0, 1] (the loss is its negative).
+
+    With box sums S over a window**3 neighbourhood (n = window**3 voxels):
+    ``cross = S(ab) - S(a) S(b) / n``, ``var_a = S(a^2) - S(a)^2 / n`` (same for b),
+    ``cc = cross^2 / (var_a * var_b + eps)``, averaged over voxels and channels.
+
+    Args:
+      a, b: images (..., D, H, W, C), equal shapes.
+      window: odd edge length of the box (9 as in VoxelMorph and TransMorph).
+    Returns:
+      (...) mean local NCC per leading index.
+    """
+    return jnp.mean(ncc_local_map(a, b, window, eps), axis=(-4, -3, -2, -1))
+
+
+def ncc_global(a: jnp.ndarray, b: jnp.ndarray, eps: float = 1e-8) -> jnp.ndarray:
+    """Pearson correlation of all voxels and channels, in [-1, 1]: (...) per leading index.
+
+    ``sum((a - mean a)(b - mean b)) / sqrt(sum((a - mean a)^2) sum((b - mean b)^2) + eps)``.
+    """
+    check_same_shape(a, b, ("a", "b"))
+    axes = (-4, -3, -2, -1)
+    a = a.astype(jnp.float32)
+    b = b.astype(jnp.float32)
+    da = a - jnp.mean(a, axis=axes, keepdims=True)
+    db = b - jnp.mean(b, axis=axes, keepdims=True)
+    num = jnp.sum(da * db, axis=axes)
+    den = jnp.sqrt(jnp.sum(da * da, axis=axes) * jnp.sum(db * db, axis=axes) + eps)
+    return num / den
+
+
+def mse(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """Mean squared intensity difference, (...) per leading index."""
+    check_same_shape(a, b, ("a", "b"))
+    diff = a.astype(jnp.float32) - b.astype(jnp.float32)
+    return jnp.mean(diff * diff, axis=(-4, -3, -2, -1))
+
+
+def gaussian_taps(sigma: float = 1.5, size: int = 11) -> np.ndarray:
+    """Normalised 1-D Gaussian window (the SSIM window: sigma 1.5, 11 taps)."""
+    x = np.arange(size, dtype=np.float64) - size // 2
+    taps = np.exp(-(x**2) / (2.0 * sigma**2))
+    return (taps / taps.sum()).astype(np.float32)
+
+
+def ssim(
+    a: jnp.ndarray,
+    b: jnp.ndarray,
+    sigma: float = 1.5,
+    size: int = 11,
+    c1: float = 0.01**2,
+    c2: float = 0.03**2,
+) -> jnp.ndarray:
+    """Structural similarity with a 3-D Gaussian window, intensities in [0, 1].
+
+    Local means mu, variances s and covariance s_ab under the window (zero padding);
+    ``ssim = (2 mu_a mu_b + c1)(2 s_ab + c2) / ((mu_a^2 + mu_b^2 + c1)(s_a + s_b + c2))``,
+    averaged over voxels and channels. SSIM(x, x) = 1.
+
+    Returns:
+      (...) per leading index.
+    """
+    check_same_shape(a, b, ("a", "b"))
+    if size % 2 == 0 or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"need an odd window size and sigma > 0; got size={size}, sigma={sigma}")
+    taps = gaussian_taps(sigma, size)
+    a = a.astype(jnp.float32)
+    b = b.astype(jnp.float32)
+    stats = _filter3d(jnp.concatenate([a, b, a * a, b * b, a * b], axis=-1), taps)
+    mu_a, mu_b, saa, sbb, sab = jnp.split(stats, 5, axis=-1)
+    var_a = saa - mu_a * mu_a
+    var_b = sbb - mu_b * mu_b
+    cov = sab - mu_a * mu_b
+    num = (2.0 * mu_a * mu_b + c1) * (2.0 * cov + c2)
+    den = (mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2)
+    return jnp.mean(num / den, axis=(-4, -3, -2, -1))
