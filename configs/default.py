@@ -2,7 +2,8 @@
 and change a few fields.
 
     python train.py --config configs/default.py --workdir runs/default
-    python train.py --config configs/default.py --config.train.learning_rate=3e-4 --workdir runs/lr3e-4
+    python train.py --config configs/default.py --workdir runs/lr3e-4 \
+        --config.train.learning_rate=3e-4
 """
 
 import ml_collections
