@@ -1,0 +1,87 @@
+"""The shared 3D U-Net pieces: conv blocks, the encoder both images pass through, decoder stages.
+
+Where this sits: ``ADRegNet`` (adregnet.py) runs the fixed and the moving image through ONE
+``Encoder`` (shared weights), fuses the two feature pyramids level by level, and decodes them
+with ``DecoderStage``s. Features are channels-last (B, D, H, W, C).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def make_norm(kind: str, dtype: Any) -> nn.Module | None:
+    """Normalisation after each conv: instance (default, batch-size independent, no running
+    statistics so init/apply stay pure), layer, or none."""
+    if kind == "instance":
+        return nn.InstanceNorm(dtype=dtype)
+    if kind == "layer":
+        return nn.LayerNorm(dtype=dtype)
+    if kind == "none":
+        return None
+    raise ValueError(f"model.norm must be 'instance', 'layer' or 'none'; got {kind!r}")
+
+
+class ConvBlock(nn.Module):
+    """3x3x3 conv (stride 1, padding 1) -> norm -> LeakyReLU."""
+
+    features: int
+    norm: str = "instance"
+    negative_slope: float = 0.2
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = nn.Conv(self.features, (3, 3, 3), padding=1, dtype=self.dtype)(x)
+        norm = make_norm(self.norm, self.dtype)
+        if norm is not None:
+            x = norm(x)
+        return nn.leaky_relu(x, self.negative_slope)
+
+
+class Encoder(nn.Module):
+    """Level 0 at full resolution, each further level halves the grid with a stride-2 conv.
+
+    Returns one feature map per level, finest first: level l is (B, D/2^l, H/2^l, W/2^l,
+    channels[l]).
+    """
+
+    channels: Sequence[int]
+    convs_per_level: int = 2
+    norm: str = "instance"
+    negative_slope: float = 0.2
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> list[jnp.ndarray]:
+        features = []
+        for level, width in enumerate(self.channels):
+            if level > 0:
+                x = nn.Conv(width, (3, 3, 3), strides=2, padding=1, dtype=self.dtype)(x)
+                x = nn.leaky_relu(x, self.negative_slope)
+            for _ in range(self.convs_per_level):
+                x = ConvBlock(width, self.norm, self.negative_slope, self.dtype)(x)
+            features.append(x)
+        return features
+
+
+class DecoderStage(nn.Module):
+    """Transposed-conv upsampling by 2, skip concatenation, then the level's conv blocks."""
+
+    features: int
+    convs_per_level: int = 2
+    norm: str = "instance"
+    negative_slope: float = 0.2
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, skip: jnp.ndarray) -> jnp.ndarray:
+        x = nn.ConvTranspose(self.features, (2, 2, 2), strides=(2, 2, 2), dtype=self.dtype)(x)
+        x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
+        for _ in range(self.convs_per_level):
+            x = ConvBlock(self.features, self.norm, self.negative_slope, self.dtype)(x)
+        return x
