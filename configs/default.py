@@ -41,7 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.num_workers = 0  # Grain worker processes (0 = in the main process)
     data.prefetch = 2
     data.augment_flip = False
-    data.augment_intensity = 0.0  # strength of random gamma / scale-shift, 0 = off
+    data.anatomy_voxels = 2.0  # generated data: largest anatomical velocity component (voxels)
+    data.motion_voxels = 4.0  # generated data: largest velocity component of the pair's motion
+    data.intensity = 1.0  # generated data: strength of gamma / bias / noise changes, 0 = off
     data.val_size = 4  # held-out pairs for validation (generated data)
     data.test_size = 8
 

@@ -1,0 +1,252 @@
+"""DIR-Lab 4DCT loader: raw int16 volumes and 300 landmark pairs per case.
+
+Where this sits: files (the DIR-Lab download layout) -> **dirlab** -> preprocess -> pipeline.
+Layout: ``CaseNPack/Images/<image name>`` header-less little-endian int16 of shape (z, y, x) and
+``CaseNPack/ExtremePhases/*_T00_xyz.txt`` / ``*_T50_xyz.txt`` with 1-based x y z voxel indices
+(case 8's folder is ``Case8Deploy``). Everything returned is in (D, H, W) = (z, y, x) order with
+0-based voxel coordinates (DESIGN.md); the conversion happens here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from adreg_jax.data import preprocess
+
+# case -> (size x y z, spacing x y z mm, published "before" TRE mm). Source: DIR-Lab
+# (Castillo et al. 2009) as tabulated in ../shared/data/README.md.
+CASES: dict[int, tuple[tuple[int, int, int], tuple[float, float, float], float]] = {
+    1: ((256, 256, 94), (0.97, 0.97, 2.5), 3.89),
+    2: ((256, 256, 112), (1.16, 1.16, 2.5), 4.34),
+    3: ((256, 256, 104), (1.15, 1.15, 2.5), 6.94),
+    4: ((256, 256, 99), (1.13, 1.13, 2.5), 9.83),
+    5: ((256, 256, 106), (1.10, 1.10, 2.5), 7.48),
+    6: ((512, 512, 128), (0.97, 0.97, 2.5), 10.89),
+    7: ((512, 512, 136), (0.97, 0.97, 2.5), 11.03),
+    8: ((512, 512, 128), (0.97, 0.97, 2.5), 14.99),
+    9: ((512, 512, 128), (0.97, 0.97, 2.5), 7.92),
+    10: ((512, 512, 120), (0.97, 0.97, 2.5), 7.30),
+}
+PHASES = tuple(f"T{10 * k:02d}" for k in range(10))
+
+
+def case_shape(case: int) -> tuple[int, int, int]:
+    """(D, H, W) = (z, y, x) voxel shape of a case."""
+    x, y, z = CASES[_check_case(case)][0]
+    return (z, y, x)
+
+
+def case_spacing(case: int) -> np.ndarray:
+    """(3,) float32 spacing in mm, (D, H, W) order."""
+    sx, sy, sz = CASES[_check_case(case)][1]
+    return np.asarray((sz, sy, sx), np.float32)
+
+
+def _check_case(case: int) -> int:
+    if case not in CASES:
+        raise ValueError(f"DIR-Lab case {case!r} unknown; expected one of 1..10")
+    return int(case)
+
+
+def case_dir(root: str | Path, case: int) -> Path:
+    """The case folder: ``CaseNPack`` (``Case8Deploy`` for case 8)."""
+    name = "Case8Deploy" if _check_case(case) == 8 else f"Case{case}Pack"
+    path = Path(root) / name
+    if not path.is_dir():
+        raise FileNotFoundError(f"DIR-Lab case folder {path} missing; expected the DIR-Lab layout")
+    return path
+
+
+def image_path(root: str | Path, case: int, phase: str) -> Path:
+    """Path of one phase image (file names as in the DIR-Lab download)."""
+    if phase not in PHASES:
+        raise ValueError(f"phase {phase!r} unknown; expected one of {PHASES}")
+    if case == 1:
+        name = f"case1_{phase}_s.img"
+    elif 2 <= case <= 5:
+        name = f"case{case}_{phase}-ssm.img"
+    else:
+        name = f"case{case}_{phase}.img"
+    return case_dir(root, case) / "Images" / name
+
+
+def read_image(root: str | Path, case: int, phase: str = "T00") -> np.ndarray:
+    """One phase as (D, H, W) int16 HU-like values (raw, no preprocessing)."""
+    path = image_path(root, case, phase)
+    if not path.is_file():
+        raise FileNotFoundError(f"DIR-Lab image {path} missing")
+    shape = case_shape(case)
+    expected = int(np.prod(shape)) * 2
+    size = path.stat().st_size
+    if size != expected:
+        raise ValueError(
+            f"{path}: {size} bytes, expected {expected} (int16 z y x = {shape} for case {case})"
+        )
+    return np.fromfile(path, dtype="<i2").reshape(shape)
+
+
+def landmark_path(root: str | Path, case: int, phase: str) -> Path:
+    """The ``ExtremePhases/*_{phase}_xyz.txt`` file (names differ between cases)."""
+    folder = case_dir(root, case) / "ExtremePhases"
+    matches = sorted(folder.glob(f"*_{phase}_xyz.txt"))
+    if not matches:
+        raise FileNotFoundError(f"no landmark file {folder}/*_{phase}_xyz.txt")
+    return matches[0]
+
+
+def read_landmarks(path: str | Path, shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Parse a DIR-Lab x y z file (1-based; tabs, CRLF, leading/trailing blanks allowed).
+
+    Returns (N, 3) float32 0-based (D, H, W) voxel coords. With ``shape`` (D, H, W), a point
+    outside the volume is an error naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"landmark file {path} missing")
+    rows = []
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split()  # any whitespace: tabs, spaces, the CR of CRLF
+        if not fields:
+            continue
+        if len(fields) != 3:
+            raise ValueError(f"{path}:{line_no}: expected three numbers x y z, got {line!r}")
+        try:
+            rows.append([float(v) for v in fields])
+        except ValueError as err:
+            raise ValueError(f"{path}:{line_no}: expected numbers x y z, got {line!r}") from err
+    if not rows:
+        raise ValueError(f"{path}: no landmarks")
+    xyz = np.asarray(rows, np.float64) - 1.0
+    points = xyz[:, ::-1].astype(np.float32)  # x y z -> z y x = D H W
+    if shape is not None:
+        outside = np.any((points < 0) | (points > np.asarray(shape) - 1), axis=1)
+        if outside.any():
+            first = int(np.argmax(outside))
+            raise ValueError(
+                f"{path}: landmark {first + 1} at x y z {rows[first]} is outside the volume "
+                f"(D, H, W) = {shape}"
+            )
+    return points
+
+
+@dataclasses.dataclass
+class DirLabCase:
+    """One case: fixed (T00) and moving (T50) volumes and landmarks.
+
+    fixed, moving: (D, H, W) float32 (raw values, or [0, 1] after ``preprocess_case``).
+    fixed_points, moving_points: (N, 3) float32 0-based voxel coords on the current grid.
+    spacing: (3,) float32 mm of the current grid. original_spacing: (3,) mm of the raw grid.
+    grid_map: current grid <-> raw grid; TRE is reported on the raw grid in mm.
+    """
+
+    case: int
+    fixed: np.ndarray | None
+    moving: np.ndarray | None
+    fixed_points: np.ndarray
+    moving_points: np.ndarray
+    spacing: np.ndarray
+    original_spacing: np.ndarray
+    grid_map: preprocess.GridMap
+
+
+def load_dirlab_case(root: str | Path, case: int, images: bool = True) -> DirLabCase:
+    """Read case ``case`` under ``root``. ``images=False`` reads only the landmarks."""
+    shape = case_shape(case)
+    fixed_points = read_landmarks(landmark_path(root, case, "T00"), shape)
+    moving_points = read_landmarks(landmark_path(root, case, "T50"), shape)
+    if len(fixed_points) != len(moving_points):
+        raise ValueError(
+            f"case {case}: {len(fixed_points)} T00 landmarks but {len(moving_points)} T50"
+        )
+    fixed = read_image(root, case, "T00").astype(np.float32) if images else None
+    moving = read_image(root, case, "T50").astype(np.float32) if images else None
+    spacing = case_spacing(case)
+    return DirLabCase(
+        case, fixed, moving, fixed_points, moving_points, spacing, spacing.copy(),
+        preprocess.GridMap.identity(),
+    )
+
+
+def preprocess_case(
+    data: DirLabCase,
+    hu_window: tuple[float, float] | None = (-1000.0, 500.0),
+    percentiles: tuple[float, float] | None = None,
+    inplane_size: tuple[int, int] | None = None,
+    z_multiple: int = 16,
+    isotropic_mm: float | None = None,
+    shape: tuple[int, int, int] | None = None,
+) -> DirLabCase:
+    """Paper preprocessing; landmarks follow every crop, pad and resample.
+
+    Order: intensity (HU window, else percentile clip) -> [0, 1]; then either resampling to
+    ``isotropic_mm`` or (centred in-plane crop/pad to ``inplane_size`` and zero pad of z to a
+    multiple of ``z_multiple``); finally a centred crop/pad to ``shape`` if given.
+    """
+    grid_map = data.grid_map
+    spacing = data.spacing
+    volumes = [data.fixed, data.moving]
+    base_shape = case_shape(data.case) if data.fixed is None else data.fixed.shape
+
+    def intensity(volume):
+        if hu_window is not None:
+            return preprocess.window(volume, *hu_window)
+        if percentiles is not None:
+            return preprocess.percentile_normalise(volume, *percentiles)
+        return volume
+
+    def geometry(volume, target_shape):
+        # volume None (landmarks only): apply the same maps to a dummy-free shape computation
+        nonlocal_map = preprocess.GridMap.identity()
+        return volume, nonlocal_map
+
+    volumes = [None if v is None else intensity(v) for v in volumes]
+    current_shape = tuple(base_shape)
+    steps: list = []
+    if isotropic_mm is not None:
+        new_spacing = np.full(3, isotropic_mm)
+        target = tuple(max(1, round(n * s / isotropic_mm)) for n, s in zip(current_shape, spacing))
+        steps.append(("resample", target))
+        current_shape = target
+    else:
+        if inplane_size is not None:
+            target = (current_shape[0], *inplane_size)
+            steps.append(("crop", target))
+            current_shape = target
+        if z_multiple > 1:
+            target = (current_shape[0] + (-current_shape[0]) % z_multiple, *current_shape[1:])
+            steps.append(("crop_end", target))
+            current_shape = target
+    if shape is not None:
+        steps.append(("crop", tuple(shape)))
+    for kind, target in steps:
+        step_map = None
+        for i, volume in enumerate(volumes):
+            if volume is None:
+                continue
+            if kind == "resample":
+                volumes[i], step_map = preprocess.resample(volume, target, order=1)
+            elif kind == "crop":
+                volumes[i], step_map = preprocess.crop_or_pad(volume, target)
+            else:
+                volumes[i], step_map = preprocess.pad_to_multiple(volume, 0, z_multiple)
+        if step_map is None:  # landmarks only: the same map from shapes alone
+            step_map = _shape_map(kind, current_shape if kind != "crop" else None, target)
+        grid_map = grid_map.then(step_map)
+        spacing = np.asarray(spacing, np.float64) / step_map.scale
+    return dataclasses.replace(
+        data,
+        fixed=volumes[0],
+        moving=volumes[1],
+        fixed_points=data.fixed_points and None or _apply(data, grid_map, "fixed"),
+        moving_points=_apply(data, grid_map, "moving"),
+        spacing=spacing.astype(np.float32),
+        grid_map=grid_map,
+    )
+
+
+def _apply(data: DirLabCase, grid_map: preprocess.GridMap, which: str) -> np.ndarray:
+    raw = data.grid_map.inverse(getattr(data, f"{which}_points"))
+    return grid_map.forward(raw).astype(np.float32)
