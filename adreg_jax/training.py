@@ -1,0 +1,361 @@
+"""Training: the train state, the jitted step, validation, Orbax checkpoints, the loop.
+
+Where this sits: ``train.py`` calls ``train_and_evaluate(config, workdir)``. Data comes from
+``adreg_jax.data.make_iterator``; the model from ``adreg_jax.models.build_model``; the loss from
+``adreg_jax.losses``. ``restore_for_inference`` gives evaluation and ``adreg-register`` the best
+trained model of a run directory.
+
+The update is one pure function ``(state, batch, rng) -> (state, metrics)`` under ``jax.jit`` with
+the state donated. The batch is sharded over a ``jax.make_mesh`` of all devices (axis "data") and
+the state replicated, so the same code runs on one CPU or several accelerators. The step's RNG is
+``fold_in(key(seed), step)``: a resumed run is the same run.
+
+Workdir layout: ``config.json`` (the resolved config), ``checkpoints/`` (Orbax: train state and
+data-iterator state; the latest and the best ``keep_best`` by ``train.best_metric`` are kept),
+``metrics.jsonl`` (one JSON object per log or validation), ``tensorboard/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax.training import train_state as flax_train_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from orbax.checkpoint import checkpoint_managers
+
+from adreg_jax import ops
+from adreg_jax.data import build_dataset, generated, make_iterator
+from adreg_jax.losses import mean_tre, registration_loss
+from adreg_jax.models import build_model
+
+TrainState = flax_train_state.TrainState
+
+
+def dataset_labels(data_config) -> tuple[int, ...] | None:
+    """Label ids whose Dice validation reports (None for data sets without label maps)."""
+    return {"generated_brain": generated.BRAIN_LABELS}.get(data_config.dataset)
+
+
+# --- the pure pieces ---------------------------------------------------------------------------
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+    """Adam; the rate is multiplied by ``lr_decay_factor`` every ``lr_decay_epochs`` epochs."""
+    schedule = optax.exponential_decay(
+        init_value=float(train_config.learning_rate),
+        transition_steps=max(1, int(train_config.lr_decay_epochs * train_config.steps_per_epoch)),
+        decay_rate=float(train_config.lr_decay_factor),
+        staircase=True,
+    )
+    return optax.adam(schedule)
+
+
+def create_train_state(config, model, batch: dict[str, np.ndarray]) -> TrainState:
+    variables = model.init(
+        jax.random.key(config.seed), jnp.asarray(batch["fixed"]), jnp.asarray(batch["moving"])
+    )
+    return TrainState.create(
+        apply_fn=model.apply, params=variables["params"], tx=make_optimizer(config.train)
+    )
+
+
+def make_train_step(model, loss_config):
+    """The jitted update ``(state, batch, rng) -> (state, metrics)``, state donated."""
+
+    def train_step(state: TrainState, batch: dict[str, jnp.ndarray], rng: jax.Array):
+        del rng  # the model is deterministic; kept so that stochastic extensions fit the step
+
+        def loss_fn(params):
+            outputs = model.apply({"params": params}, batch["fixed"], batch["moving"])
+            return registration_loss(outputs, batch, loss_config)
+
+        (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        terms["grad_norm"] = optax.global_norm(grads)
+        return state.apply_gradients(grads=grads), terms
+
+    return jax.jit(train_step, donate_argnums=(0,))
+
+
+def make_eval_step(model, labels: tuple[int, ...] | None):
+    """Jitted per-pair validation metrics (before and after registration)."""
+
+    def eval_step(params, batch):
+        outputs = model.apply({"params": params}, batch["fixed"], batch["moving"])
+        ddf, fixed, moving = outputs["ddf"], batch["fixed"], batch["moving"]
+        metrics = {
+            "ncc_before": ops.ncc_local(moving, fixed),
+            "ncc": ops.ncc_local(outputs["warped"], fixed),
+            "ssim": ops.ssim(outputs["warped"], fixed),
+            "mse": ops.mse(outputs["warped"], fixed),
+            "folding_percent": 100.0 * ops.folding_fraction(ddf),
+        }
+        if labels and "fixed_seg" in batch:
+            warped_seg = ops.warp(batch["moving_seg"][..., None], ddf, order=0)[..., 0]
+            metrics["dice_before"] = jnp.nanmean(
+                ops.dice(batch["moving_seg"], batch["fixed_seg"], labels), axis=-1
+            )
+            metrics["dice"] = jnp.nanmean(ops.dice(warped_seg, batch["fixed_seg"], labels), axis=-1)
+        if "fixed_points" in batch:
+            metrics["tre_mm_before"] = mean_tre(batch, jnp.zeros_like(ddf))[None]
+            metrics["tre_mm"] = mean_tre(batch, ddf)[None]
+        return metrics
+
+    return jax.jit(eval_step)
+
+
+# --- devices ---------------------------------------------------------------------------------
+
+
+def maybe_initialize_distributed() -> None:
+    """Join a multi-host run when the usual coordinator variables say so."""
+    import os
+
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+
+
+def data_mesh(devices=None) -> jax.sharding.Mesh:
+    devices = jax.devices() if devices is None else devices
+    # Auto axes: XLA propagates the batch sharding through the model (explicit axes would need
+    # an out_sharding on every reshape of the attention windows).
+    return jax.make_mesh(
+        (len(devices),), ("data",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Split the batch axis over the mesh's "data" axis (replicated if it does not divide)."""
+    size = mesh.devices.size
+    leading = next(iter(batch.values())).shape[0]
+    spec = P("data") if leading % size == 0 else P()
+    return jax.device_put(batch, NamedSharding(mesh, spec))
+
+
+def replicate(tree, mesh):
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def _checkpoint_manager(workdir: Path, train_config) -> ocp.CheckpointManager:
+    metric = str(train_config.best_metric)
+    sign = 1.0 if train_config.best_mode == "max" else -1.0
+    # max_to_keep with best_fn can delete the latest step (JAX-NOTES.md): a preservation policy
+    # keeps the latest AND the best K.
+    policy = checkpoint_managers.AnyPreservationPolicy(
+        [
+            checkpoint_managers.LatestN(1),
+            checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: sign * metrics[metric],
+                reverse=False,
+                n=int(train_config.keep_best),
+                keep_checkpoints_without_metrics=False,
+            ),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        best_fn=lambda metrics: metrics[metric],
+        best_mode=str(train_config.best_mode),
+        enable_async_checkpointing=False,
+    )
+    return ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(), options=options, item_names=("state", "progress")
+    )
+
+
+def _state_tree(state: TrainState) -> dict[str, Any]:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+def _restore(manager, step: int, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()
+        ),
+    )
+    tree = restored["state"]
+    state = state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
+    return state, restored["progress"]
+
+
+def _check_workdir(workdir: Path, config) -> None:
+    """Refuse a workdir that holds another config's run, unless train.overwrite is set."""
+    saved = workdir / "config.json"
+    if not saved.exists():
+        return
+    previous = json.loads(saved.read_text())
+    current = json.loads(config.to_json_best_effort())
+    differs = [s for s in ("model", "data", "loss") if previous.get(s) != current.get(s)]
+    if not differs:
+        return
+    if config.train.overwrite:
+        shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+        (workdir / "metrics.jsonl").unlink(missing_ok=True)
+        return
+    raise ValueError(
+        f"workdir {workdir} holds a run of another config (sections {differs} differ from "
+        f"{saved}); use another --workdir or pass --config.train.overwrite=True to start over"
+    )
+
+
+def restore_for_inference(workdir: str | Path) -> tuple[ml_collections.ConfigDict, Any, dict]:
+    """(config, module, variables) of the best checkpoint of a run dir (latest if none is best)."""
+    workdir = Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path}: no config.json; is {workdir} a training workdir?")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    manager = _checkpoint_manager(workdir, config.train)
+    step = manager.best_step()
+    if step is None:
+        step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint to restore")
+    model = build_model(config.model)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return config, model, {"params": restored["state"]["params"]}
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def total_steps(train_config) -> int:
+    if int(train_config.max_steps) > 0:
+        return int(train_config.max_steps)
+    return int(train_config.epochs) * int(train_config.steps_per_epoch)
+
+
+def evaluate(eval_step, params, dataset, mesh) -> dict[str, float]:
+    """Mean of each validation metric over the held-out pairs."""
+    sums: dict[str, list[float]] = {}
+    for index in range(len(dataset)):
+        batch = {k: v[None] for k, v in dataset[index].items()}
+        metrics = jax.device_get(eval_step(params, replicate(batch, mesh)))
+        for key, value in metrics.items():
+            sums.setdefault(key, []).append(float(np.mean(value)))
+    return {f"val/{k}": float(np.mean(v)) for k, v in sums.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
+    """Train (or resume) the run of ``config`` in ``workdir``; returns the final metrics."""
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+
+    maybe_initialize_distributed()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_workdir(workdir, config)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    mesh = data_mesh()
+    model = build_model(config.model)
+    train_iter = make_iterator(config.data, "train", config.seed)
+    val_data = build_dataset(config.data, "val", config.seed)
+    first = next(train_iter)
+    state = create_train_state(config, model, first)
+    manager = _checkpoint_manager(workdir, config.train)
+    progress = {"iterator": train_iter.get_state(), "best": None, "since_best": 0}
+    train_iter = make_iterator(config.data, "train", config.seed)  # restart: `first` was a probe
+
+    start = manager.latest_step()
+    if start is not None:
+        state, progress = _restore(manager, start, state)
+        train_iter.set_state(progress["iterator"])
+        print(f"resuming from step {start} ({workdir / 'checkpoints'})")
+    start = int(state.step)
+    state = replicate(state, mesh)
+
+    train_step = make_train_step(model, config.loss)
+    eval_step = make_eval_step(model, dataset_labels(config.data))
+    rng = jax.random.key(config.seed)
+    steps = total_steps(config.train)
+    writer = SummaryWriter(str(workdir / "tensorboard"))
+    log_path = workdir / "metrics.jsonl"
+    best_metric = str(config.train.best_metric)
+    sign = 1.0 if config.train.best_mode == "max" else -1.0
+    patience = int(config.train.early_stopping_patience)
+    last: dict[str, float] = {}
+    stopped_early = False
+
+    def log(step: int, values: dict[str, float]) -> None:
+        with log_path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        for key, value in values.items():
+            writer.add_scalar(key, value, step)
+
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    started = time.perf_counter()
+    step = start
+    while step < steps:
+        batch = shard_batch(next(train_iter), mesh)
+        state, metrics = train_step(state, batch, jax.random.fold_in(rng, step))
+        metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+        step += 1
+        if not math.isfinite(metrics["train/loss"]):
+            raise FloatingPointError(
+                f"non-finite training loss {metrics['train/loss']} at step {step}; the last good "
+                f"checkpoint (step {manager.latest_step()}) in {workdir / 'checkpoints'} is intact"
+            )
+        last.update(metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+        if step % int(config.train.log_every) == 0 or step == steps:
+            rate = (step - start) / max(time.perf_counter() - started, 1e-9)
+            log(step, {**metrics, "steps_per_s": rate})
+        at_eval = step % int(config.train.eval_every) == 0 or step == steps
+        at_save = at_eval or step % int(config.train.checkpoint_every) == 0
+        val = None
+        if at_eval:
+            val = evaluate(eval_step, state.params, val_data, mesh)
+            log(step, val)
+            last.update(val)
+            bar.write(" ".join(f"{k}={v:.4f}" for k, v in sorted(val.items())) + f" (step {step})")
+            if best_metric in val:
+                value = sign * val[best_metric]
+                if progress["best"] is None or value > progress["best"]:
+                    progress["best"], progress["since_best"] = value, 0
+                else:
+                    progress["since_best"] += 1
+        if at_save:
+            progress["iterator"] = train_iter.get_state()
+            manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(_state_tree(state)),
+                    progress=ocp.args.JsonSave(progress),
+                ),
+                metrics=val if val and best_metric in val else None,
+            )
+        if patience > 0 and progress["since_best"] >= patience:
+            bar.write(
+                f"early stopping at step {step}: {best_metric} has not improved for "
+                f"{patience} validations"
+            )
+            stopped_early = True
+            break
+    bar.close()
+    manager.wait_until_finished()
+    writer.close()
+    summary = {k: v for k, v in last.items() if k.startswith("val/")}
+    print(
+        f"done: step {step}/{steps}{' (early stop)' if stopped_early else ''}, "
+        + ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary.items()))
+        + f", best step {manager.best_step()}, workdir {workdir}"
+    )
+    return last
