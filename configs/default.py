@@ -34,18 +34,30 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- data (adreg_jax.data) ---------------------------------------------------------------
     data = config.data = ml_collections.ConfigDict()
-    data.dataset = "generated_brain"  # generated_brain | generated_lung | ixi | dirlab | pairs
-    data.root = ""  # data set folder (ixi, dirlab) or pair-list file (pairs)
-    data.image_size = (96, 112, 96)  # (D, H, W) the network sees
+    data.dataset = "generated_brain"  # generated_brain | generated_lung | dirlab | ixi | pairs
+    data.root = ""  # data set folder (dirlab) or pair-list file (pairs)
+    data.image_size = (96, 112, 96)  # (D, H, W) the network sees (crop/pad or resample to it)
     data.batch_size = 1
     data.num_workers = 0  # Grain worker processes (0 = in the main process)
-    data.prefetch = 2
-    data.augment_flip = False
-    data.anatomy_voxels = 2.0  # generated data: largest anatomical velocity component (voxels)
-    data.motion_voxels = 4.0  # generated data: largest velocity component of the pair's motion
-    data.intensity = 1.0  # generated data: strength of gamma / bias / noise changes, 0 = off
+    data.prefetch = 2  # Grain read-ahead buffer (elements)
+    data.augment_flip = False  # random flips of all three axes (train only)
+    data.augment_intensity = 0.0  # strength of random gamma / scale, 0 = off (train only)
+    data.train_size = 10**9  # distinct generated training pairs (fresh at every index)
     data.val_size = 4  # held-out pairs for validation (generated data)
     data.test_size = 8
+    # generated brain pairs (adreg_jax.data.generated)
+    data.anatomy_voxels = 2.0  # largest velocity of the atlas -> subject variation
+    data.motion_voxels = 4.0  # largest velocity of the fixed -> moving motion
+    data.intensity = 1.0  # gamma / bias field / noise strength, 0 = none
+    # generated lung phantom (adreg_jax.data.generated_lung)
+    data.lung_motion_mm = (5.0, 20.0)  # range of the diaphragm motion
+    data.lung_points = 32  # landmarks per generated lung pair
+    # DIR-Lab (adreg_jax.data.dirlab)
+    data.test_case = 1  # leave-one-case-out: held-out case for val/test
+    data.cross_phase = True  # also train on T00 -> T10..T90 pairs (no landmarks)
+    data.hu_window = (-1000.0, 500.0)  # HU clip before [0, 1]; () = no window
+    data.isotropic_mm = 0.0  # > 0: resample to this isotropic spacing before crop/pad
+    data.max_points = 300  # landmarks padded to this N with points_mask
 
     # --- loss (adreg_jax.losses) -------------------------------------------------------------
     loss = config.loss = ml_collections.ConfigDict()

@@ -165,7 +165,13 @@ def load_dirlab_case(root: str | Path, case: int, images: bool = True) -> DirLab
     moving = read_image(root, case, "T50").astype(np.float32) if images else None
     spacing = case_spacing(case)
     return DirLabCase(
-        case, fixed, moving, fixed_points, moving_points, spacing, spacing.copy(),
+        case,
+        fixed,
+        moving,
+        fixed_points,
+        moving_points,
+        spacing,
+        spacing.copy(),
         preprocess.GridMap.identity(),
     )
 
@@ -185,62 +191,50 @@ def preprocess_case(
     ``isotropic_mm`` or (centred in-plane crop/pad to ``inplane_size`` and zero pad of z to a
     multiple of ``z_multiple``); finally a centred crop/pad to ``shape`` if given.
     """
-    grid_map = data.grid_map
-    spacing = data.spacing
-    volumes = [data.fixed, data.moving]
     base_shape = case_shape(data.case) if data.fixed is None else data.fixed.shape
-
-    def intensity(volume):
-        if hu_window is not None:
-            return preprocess.window(volume, *hu_window)
-        if percentiles is not None:
-            return preprocess.percentile_normalise(volume, *percentiles)
-        return volume
-
-    def geometry(volume, target_shape):
-        # volume None (landmarks only): apply the same maps to a dummy-free shape computation
-        nonlocal_map = preprocess.GridMap.identity()
-        return volume, nonlocal_map
-
-    volumes = [None if v is None else intensity(v) for v in volumes]
-    current_shape = tuple(base_shape)
-    steps: list = []
+    volumes = [data.fixed, data.moving]
+    if hu_window is not None:
+        volumes = [None if v is None else preprocess.window(v, *hu_window) for v in volumes]
+    elif percentiles is not None:
+        volumes = [
+            None if v is None else preprocess.percentile_normalise(v, *percentiles) for v in volumes
+        ]
+    steps: list[tuple[str, tuple[int, ...]]] = []
+    current = tuple(int(n) for n in base_shape)
     if isotropic_mm is not None:
-        new_spacing = np.full(3, isotropic_mm)
-        target = tuple(max(1, round(n * s / isotropic_mm)) for n, s in zip(current_shape, spacing))
+        target = tuple(
+            max(1, round(n * s / isotropic_mm)) for n, s in zip(current, data.spacing, strict=True)
+        )
         steps.append(("resample", target))
-        current_shape = target
+        current = target
     else:
         if inplane_size is not None:
-            target = (current_shape[0], *inplane_size)
-            steps.append(("crop", target))
-            current_shape = target
+            current = (current[0], *inplane_size)
+            steps.append(("crop", current))
         if z_multiple > 1:
-            target = (current_shape[0] + (-current_shape[0]) % z_multiple, *current_shape[1:])
-            steps.append(("crop_end", target))
-            current_shape = target
+            current = (current[0] + (-current[0]) % z_multiple, *current[1:])
+            steps.append(("crop", current))  # centred zero pad of z
     if shape is not None:
         steps.append(("crop", tuple(shape)))
+
+    grid_map = data.grid_map
+    spacing = np.asarray(data.spacing, np.float64)
+    current = tuple(int(n) for n in base_shape)
     for kind, target in steps:
-        step_map = None
-        for i, volume in enumerate(volumes):
-            if volume is None:
-                continue
-            if kind == "resample":
-                volumes[i], step_map = preprocess.resample(volume, target, order=1)
-            elif kind == "crop":
-                volumes[i], step_map = preprocess.crop_or_pad(volume, target)
-            else:
-                volumes[i], step_map = preprocess.pad_to_multiple(volume, 0, z_multiple)
-        if step_map is None:  # landmarks only: the same map from shapes alone
-            step_map = _shape_map(kind, current_shape if kind != "crop" else None, target)
+        if kind == "resample":
+            step_map = preprocess.resample_map(current, target)
+            volumes = [None if v is None else preprocess.resample(v, target)[0] for v in volumes]
+        else:
+            step_map = preprocess.crop_or_pad_map(current, target)
+            volumes = [None if v is None else preprocess.crop_or_pad(v, target)[0] for v in volumes]
         grid_map = grid_map.then(step_map)
-        spacing = np.asarray(spacing, np.float64) / step_map.scale
+        spacing = spacing / step_map.scale
+        current = target
     return dataclasses.replace(
         data,
         fixed=volumes[0],
         moving=volumes[1],
-        fixed_points=data.fixed_points and None or _apply(data, grid_map, "fixed"),
+        fixed_points=_apply(data, grid_map, "fixed"),
         moving_points=_apply(data, grid_map, "moving"),
         spacing=spacing.astype(np.float32),
         grid_map=grid_map,
@@ -250,3 +244,15 @@ def preprocess_case(
 def _apply(data: DirLabCase, grid_map: preprocess.GridMap, which: str) -> np.ndarray:
     raw = data.grid_map.inverse(getattr(data, f"{which}_points"))
     return grid_map.forward(raw).astype(np.float32)
+
+
+def tre_mm(
+    fixed_points: np.ndarray,
+    moving_points: np.ndarray,
+    grid_map: preprocess.GridMap,
+    original_spacing: np.ndarray,
+) -> np.ndarray:
+    """(N,) distances in the original physical mm between processed-grid points."""
+    a = grid_map.inverse(np.asarray(fixed_points, np.float64))
+    b = grid_map.inverse(np.asarray(moving_points, np.float64))
+    return np.linalg.norm((a - b) * np.asarray(original_spacing, np.float64), axis=-1)

@@ -1,88 +1,222 @@
-"""Grain pipelines: from ``config.data`` to iterators of batch dicts (docs/architecture.md).
+"""Grain pipelines: data set -> random-access pairs -> augmentation -> batches.
 
-Where this sits: training.py asks ``make_iterator(config.data, "train", seed)`` for an endless,
-checkpointable stream and ``build_dataset(config.data, "val"|"test", seed)`` for fixed held-out
-pairs; the iterator's ``get_state()`` goes into every checkpoint so that a resumed run reads
-exactly the batches an uninterrupted run would have read.
+Where this sits: loaders (generated.py, dirlab.py) -> **pipeline** -> training step. Elements are
+dicts per the batch-dict contract of docs/architecture.md without the batch axis; batches add it.
+The iterator's ``get_state()`` / ``set_state()`` is what a checkpoint saves to resume exactly.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+
 import grain
+import ml_collections
 import numpy as np
 
-from adreg_jax.data.generated import GeneratedBrainPairs
+from adreg_jax.data import dirlab, generated, generated_lung, ixi, labels, nifti, preprocess
 
-TRAIN_LENGTH = 10**9  # generated training pairs are fresh at every index; no epoch boundary
-_SPLIT_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
-DATASETS = ("generated_brain",)
+SPLITS = ("train", "val", "test")
+# seeds of the three generated splits differ so that no pair is shared between them
+_SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
 
 def _check_split(split: str) -> None:
-    if split not in _SPLIT_SEEDS:
-        raise ValueError(f"split must be one of {sorted(_SPLIT_SEEDS)}; got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} unknown; expected one of {SPLITS}")
 
 
-def build_source(data_config, split: str, seed: int):
-    """The random-access source of one split (len and getitem of unbatched pair dicts)."""
-    _check_split(split)
-    if data_config.dataset not in DATASETS:
-        raise ValueError(
-            f"config.data.dataset={data_config.dataset!r} is not available; "
-            f"this version provides {list(DATASETS)}"
+class _DirLabPairs:
+    """Random-access DIR-Lab pairs: (case, fixed phase, moving phase), preprocessed to one shape.
+
+    Only the T00/T50 pair has landmarks; cross-phase pairs (unsupervised) carry an all-False
+    ``points_mask`` so that every element shares the same keys and shapes.
+    """
+
+    def __init__(self, data: ml_collections.ConfigDict, cases, phase_pairs):
+        self.data = data
+        self.items = [(c, f, m) for c in cases for f, m in phase_pairs]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        case, fixed_phase, moving_phase = self.items[index]
+        raw = dirlab.load_dirlab_case(self.data.root, case, images=False)
+        raw.fixed = dirlab.read_image(self.data.root, case, fixed_phase).astype(np.float32)
+        raw.moving = dirlab.read_image(self.data.root, case, moving_phase).astype(np.float32)
+        out = dirlab.preprocess_case(
+            raw,
+            hu_window=tuple(self.data.hu_window) if self.data.hu_window else None,
+            isotropic_mm=self.data.isotropic_mm or None,
+            z_multiple=1,
+            shape=tuple(self.data.image_size),
         )
-    length = {
-        "train": TRAIN_LENGTH,
-        "val": int(data_config.val_size),
-        "test": int(data_config.test_size),
-    }[split]
-    return GeneratedBrainPairs(
-        shape=tuple(data_config.image_size),
-        length=length,
-        seed=seed + _SPLIT_SEEDS[split],
-        anatomy_voxels=float(data_config.anatomy_voxels),
-        motion_voxels=float(data_config.motion_voxels),
-        intensity=float(data_config.intensity),
+        n = int(self.data.max_points)
+        fixed_points = np.zeros((n, 3), np.float32)
+        moving_points = np.zeros((n, 3), np.float32)
+        mask = np.zeros((n,), bool)
+        if (fixed_phase, moving_phase) == ("T00", "T50"):
+            k = min(n, len(out.fixed_points))
+            fixed_points[:k], moving_points[:k], mask[:k] = (
+                out.fixed_points[:k],
+                out.moving_points[:k],
+                True,
+            )
+        return {
+            "fixed": out.fixed[..., None].astype(np.float32),
+            "moving": out.moving[..., None].astype(np.float32),
+            "fixed_points": fixed_points,
+            "moving_points": moving_points,
+            "points_mask": mask,
+            "spacing": out.spacing,
+        }
+
+
+def dataset_labels(data: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Label ids evaluated with Dice for ``data.dataset`` (empty when it has no labels)."""
+    if data.dataset == "generated_brain":
+        return tuple(generated.BRAIN_LABELS)
+    if data.dataset == "ixi":
+        return labels.IXI_VOI
+    if data.dataset == "generated_lung":
+        return generated_lung.LUNG_LABELS
+    return ()
+
+
+class _Resized:
+    """Wrap a pair source: centred crop/pad of every volume to ``shape``; points follow."""
+
+    def __init__(self, source, shape):
+        self.source, self.shape = source, tuple(int(n) for n in shape)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        element = dict(self.source[index])
+        grid_map = None
+        for key in ("fixed", "moving", "fixed_seg", "moving_seg"):
+            if key in element:
+                element[key], grid_map = preprocess.crop_or_pad(element[key], self.shape)
+        for key in ("fixed_points", "moving_points"):
+            if key in element and grid_map is not None:
+                element[key] = grid_map.forward(element[key]).astype(np.float32)
+        return element
+
+
+def build_source(data: ml_collections.ConfigDict, split: str, seed: int):
+    """The random-access source of one split (len and getitem of unbatched pair dicts)."""
+    return build_dataset(data, split, seed)
+
+
+def build_dataset(data: ml_collections.ConfigDict, split: str, seed: int) -> grain.MapDataset:
+    """Random-access pairs of ``data.dataset`` for ``split`` (no augmentation, no batching)."""
+    _check_split(split)
+    if data.dataset == "generated_brain":
+        length = {"train": data.train_size, "val": data.val_size, "test": data.test_size}[split]
+        source = generated.GeneratedBrainPairs(
+            shape=tuple(data.image_size),
+            length=int(length),
+            seed=int(seed) + _SPLIT_OFFSET[split],
+            anatomy_voxels=data.anatomy_voxels,
+            motion_voxels=data.motion_voxels,
+            intensity=float(data.intensity),
+        )
+        return grain.MapDataset.source(source)
+    if data.dataset == "generated_lung":
+        length = {"train": data.train_size, "val": data.val_size, "test": data.test_size}[split]
+        source = generated_lung.GeneratedLungPairs(
+            shape=tuple(data.image_size),
+            length=int(length),
+            seed=int(seed) + _SPLIT_OFFSET[split],
+            motion_mm=tuple(data.lung_motion_mm),
+            num_points=int(data.lung_points),
+        )
+        return grain.MapDataset.source(source)
+    if data.dataset == "dirlab":
+        # leave-one-case-out: the held-out case is val and test, the other nine train
+        held_out = int(data.test_case)
+        if split == "train":
+            cases = [c for c in dirlab.CASES if c != held_out]
+            pairs = [("T00", "T50"), ("T50", "T00")] + [
+                ("T00", p) for p in dirlab.PHASES[1:] if p != "T50"
+            ] * int(data.cross_phase)
+        else:
+            cases, pairs = [held_out], [("T00", "T50")]
+        return grain.MapDataset.source(_DirLabPairs(data, cases, pairs))
+    if data.dataset == "ixi":
+        return grain.MapDataset.source(_Resized(ixi.IXIPairs(data.root, split), data.image_size))
+    if data.dataset == "pairs":
+        return grain.MapDataset.source(
+            _Resized(nifti.NiftiPairs(data.root, split), data.image_size)
+        )
+    raise ValueError(
+        f"config.data.dataset={data.dataset!r} not supported; "
+        "expected 'generated_brain', 'generated_lung', 'dirlab', 'ixi' or 'pairs'"
     )
 
 
-class RandomFlip(grain.transforms.RandomMap):
-    """Flip every volume of a pair along each axis with probability 1/2. A flipped DDF also
-    changes the sign of the component along the flipped axis."""
-
-    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        out = dict(element)
+def augment(element: dict, rng: np.random.Generator, flip: bool, intensity: float) -> dict:
+    """Random flips (images, labels, true DDF and points together) and intensity gamma/scale."""
+    element = dict(element)
+    if flip:
         for axis in range(3):
             if rng.random() < 0.5:
-                for key in ("fixed", "moving", "fixed_seg", "moving_seg", "true_ddf"):
-                    if key in out:
-                        out[key] = np.flip(out[key], axis=axis)
-                if "true_ddf" in out:
-                    out["true_ddf"] = out["true_ddf"].copy()
-                    out["true_ddf"][..., axis] *= -1.0
-        return {k: np.ascontiguousarray(v) for k, v in out.items()}
+                continue
+            size = element["fixed"].shape[axis]
+            for key in ("fixed", "moving", "fixed_seg", "moving_seg"):
+                if key in element:
+                    element[key] = np.flip(element[key], axis).copy()
+            if "true_ddf" in element:
+                ddf = np.flip(element["true_ddf"], axis).copy()
+                ddf[..., axis] *= -1.0  # a flipped displacement points the other way
+                element["true_ddf"] = ddf
+            for key in ("fixed_points", "moving_points"):
+                if key in element:
+                    points = element[key].copy()
+                    points[:, axis] = size - 1 - points[:, axis]
+                    element[key] = points
+    if intensity > 0:
+        for key in ("fixed", "moving"):
+            gamma = float(np.exp(rng.normal(scale=0.2 * intensity)))
+            scale = 1.0 + rng.uniform(-0.1, 0.1) * intensity
+            element[key] = np.clip(scale * element[key] ** gamma, 0.0, 1.0).astype(np.float32)
+    return element
 
 
-def build_dataset(data_config, split: str, seed: int) -> grain.MapDataset:
-    """Unbatched pairs of one split as a ``grain.MapDataset`` (augmented when training)."""
-    dataset = grain.MapDataset.source(build_source(data_config, split, seed))
-    if split == "train" and data_config.augment_flip:
-        dataset = dataset.seed(seed).random_map(RandomFlip())
-    return dataset
+def make_iterator(
+    data: ml_collections.ConfigDict,
+    split: str,
+    seed: int,
+    shuffle: bool | None = None,
+    repeat: bool | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Iterator of batched numpy dicts (leading axis ``data.batch_size``).
 
-
-def make_iterator(data_config, split: str, seed: int) -> grain.DatasetIterator:
-    """Batched numpy dicts, prefetched by ``num_workers`` processes (0 = in this process).
-
-    The iterator's ``get_state()``/``set_state()`` restore the stream exactly.
+    Train: shuffled, repeated forever, augmented. Val/test: fixed order, one pass, the last
+    batch kept even if short. The returned grain iterator has ``get_state()``/``set_state()``.
     """
-    dataset = build_dataset(data_config, split, seed)
-    batch_size = int(data_config.batch_size) if split == "train" else 1
-    iter_dataset = dataset.batch(batch_size, drop_remainder=split == "train").to_iter_dataset(
-        grain.ReadOptions(num_threads=1, prefetch_buffer_size=int(data_config.prefetch))
+    is_train = split == "train"
+    shuffle = is_train if shuffle is None else shuffle
+    repeat = is_train if repeat is None else repeat
+    dataset = build_dataset(data, split, seed)
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed)
+    if repeat:
+        dataset = dataset.repeat()
+    if is_train and (data.augment_flip or data.augment_intensity > 0):
+        # a partial of a module-level function pickles into spawned worker processes
+        transform = functools.partial(
+            augment, flip=bool(data.augment_flip), intensity=float(data.augment_intensity)
+        )
+        dataset = dataset.random_map(transform, seed=seed)
+    dataset = dataset.batch(int(data.batch_size), drop_remainder=is_train)
+    iter_dataset = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=int(data.prefetch))
     )
-    if int(data_config.num_workers) > 0:
+    if data.num_workers > 0:
         iter_dataset = iter_dataset.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=int(data_config.num_workers))
+            grain.MultiprocessingOptions(num_workers=int(data.num_workers))
         )
     return iter(iter_dataset)

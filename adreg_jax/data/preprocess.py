@@ -61,8 +61,8 @@ def crop_or_pad(volume: np.ndarray, shape: Sequence[int | None]) -> tuple[np.nda
     Returns the new volume and the GridMap (a shift) that moves points with it.
     """
     target = [volume.shape[k] if shape[k] is None else int(shape[k]) for k in range(3)]
-    # offset = index in the original of new index 0 (negative = padding before)
-    offsets = [(volume.shape[k] - target[k]) // 2 for k in range(3)]
+    grid_map = crop_or_pad_map(volume.shape[:3], target)
+    offsets = [int(-v) for v in grid_map.shift]
     out = np.zeros(tuple(target) + volume.shape[3:], volume.dtype)
     src, dst = [], []
     for k in range(3):
@@ -71,7 +71,20 @@ def crop_or_pad(volume: np.ndarray, shape: Sequence[int | None]) -> tuple[np.nda
         src.append(slice(start, stop))
         dst.append(slice(start - offsets[k], stop - offsets[k]))
     out[tuple(dst)] = volume[tuple(src)]
-    return out, GridMap(np.ones(3), -np.asarray(offsets, np.float64))
+    return out, grid_map
+
+
+def crop_or_pad_map(shape: Sequence[int], target: Sequence[int]) -> GridMap:
+    """The point map of ``crop_or_pad`` from shapes alone (landmarks without images)."""
+    # offset = index in the original of new index 0 (negative = padding before)
+    offsets = [(int(n) - int(t)) // 2 for n, t in zip(shape, target, strict=True)]
+    return GridMap(np.ones(3), -np.asarray(offsets, np.float64))
+
+
+def resample_map(shape: Sequence[int], target: Sequence[int]) -> GridMap:
+    """The point map of ``resample``: voxel centres scale, q + 0.5 = (p + 0.5) * factor."""
+    factors = np.asarray([t / n for n, t in zip(shape, target, strict=True)], np.float64)
+    return GridMap(factors, 0.5 * factors - 0.5)
 
 
 def pad_to_multiple(volume: np.ndarray, axis: int, multiple: int) -> tuple[np.ndarray, GridMap]:
@@ -87,13 +100,16 @@ def resample(
     volume: np.ndarray, shape: Sequence[int], order: int = 1
 ) -> tuple[np.ndarray, GridMap]:
     """Resample the first three axes to ``shape`` (voxel centres aligned, grid_mode)."""
-    factors = np.asarray([n / o for n, o in zip(shape, volume.shape[:3], strict=True)])
+    grid_map = resample_map(volume.shape[:3], shape)
+    factors = grid_map.scale
     out = ndimage.zoom(
-        volume, list(factors) + [1.0] * (volume.ndim - 3), order=order, grid_mode=True,
+        volume,
+        list(factors) + [1.0] * (volume.ndim - 3),
+        order=order,
+        grid_mode=True,
         mode="grid-constant",
     )
-    # centre of voxel i spans [i, i+1) scaled: q + 0.5 = (p + 0.5) * factor
-    return out, GridMap(factors, 0.5 * factors - 0.5)
+    return out, grid_map
 
 
 def resample_to_spacing(
@@ -101,7 +117,8 @@ def resample_to_spacing(
 ) -> tuple[np.ndarray, GridMap, np.ndarray]:
     """Resample to a chosen (e.g. isotropic) spacing in mm; returns volume, map, actual spacing."""
     shape = [
-        max(1, round(n * s / t)) for n, s, t in zip(volume.shape[:3], spacing, new_spacing, strict=True)
+        max(1, round(n * s / t))
+        for n, s, t in zip(volume.shape[:3], spacing, new_spacing, strict=True)
     ]
     out, grid_map = resample(volume, shape, order)
     actual = np.asarray(spacing, np.float64) / grid_map.scale
