@@ -8,7 +8,7 @@ Running the same command again resumes from the last checkpoint in --workdir.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file with get_config().")
@@ -19,6 +19,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     from adreg_jax.training import train_and_evaluate
 
     try:

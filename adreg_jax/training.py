@@ -82,7 +82,7 @@ def make_train_step(model, loss_config):
             return registration_loss(outputs, batch, loss_config)
 
         (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        terms["grad_norm"] = optax.global_norm(grads)
+        terms["grad_norm"] = optax.tree.norm(grads)
         return state.apply_gradients(grads=grads), terms
 
     return jax.jit(train_step, donate_argnums=(0,))
@@ -214,15 +214,20 @@ def _check_workdir(workdir: Path, config) -> None:
     )
 
 
-def restore_for_inference(workdir: str | Path) -> tuple[ml_collections.ConfigDict, Any, dict]:
-    """(config, module, variables) of the best checkpoint of a run dir (latest if none is best)."""
+def restore_for_inference(
+    workdir: str | Path, which: str = "best"
+) -> tuple[ml_collections.ConfigDict, Any, dict]:
+    """(config, module, variables) of a run dir: its best checkpoint by ``train.best_metric``
+    (the latest when none has a validation metric), or with ``which="latest"`` the latest."""
     workdir = Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path}: no config.json; is {workdir} a training workdir?")
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest'; got {which!r}")
     config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
     manager = _checkpoint_manager(workdir, config.train)
-    step = manager.best_step()
+    step = manager.best_step() if which == "best" else None
     if step is None:
         step = manager.latest_step()
     if step is None:
@@ -353,9 +358,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     manager.wait_until_finished()
     writer.close()
     summary = {k: v for k, v in last.items() if k.startswith("val/")}
-    print(
-        f"done: step {step}/{steps}{' (early stop)' if stopped_early else ''}, "
-        + ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary.items()))
-        + f", best step {manager.best_step()}, workdir {workdir}"
-    )
+    parts = [f"done: step {step}/{steps}" + (" (early stop)" if stopped_early else "")]
+    parts += [f"{k}={v:.4f}" for k, v in sorted(summary.items())]
+    parts += [f"best step {manager.best_step()}", f"workdir {workdir}"]
+    print(", ".join(parts))
     return last

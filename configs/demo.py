@@ -19,13 +19,13 @@ def get_config():
     config.model.attention_heads = 2
     config.model.region_size = (2, 2, 2)
     config.model.region_heads = 2
-    config.data.image_size = (40, 48, 40)
+    config.data.image_size = (32, 40, 32)
     config.data.val_size = 4
     config.loss.ssim_weight = 0.5
     config.train.learning_rate = 2e-3
     config.train.steps_per_epoch = 50
     config.train.lr_decay_epochs = 4
-    config.train.max_steps = 300
+    config.train.max_steps = 200
     config.train.log_every = 10
     config.train.eval_every = 50
     config.train.checkpoint_every = 50

@@ -36,8 +36,9 @@ class ConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        x = nn.Conv(self.features, (3, 3, 3), padding=1, dtype=self.dtype)(x)
         norm = make_norm(self.norm, self.dtype)
+        # A bias in front of a normalisation is cancelled by it: zero gradient, wasted memory.
+        x = nn.Conv(self.features, (3, 3, 3), padding=1, use_bias=norm is None, dtype=self.dtype)(x)
         if norm is not None:
             x = norm(x)
         return nn.leaky_relu(x, self.negative_slope)

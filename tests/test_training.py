@@ -1,0 +1,172 @@
+"""The training loop: the loss terms, one real step, data parallelism, kill-and-resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from adreg_jax import training
+from adreg_jax.losses import registration_loss
+from adreg_jax.models import build_model
+from configs import default
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config():
+    config = default.get_config()
+    config.model.channels = (4, 8, 8)
+    config.model.convs_per_level = 1
+    config.model.cross_attention_levels = (1, 2)
+    config.model.attention_heads = 2
+    config.model.region_size = (2, 2, 2)
+    config.model.region_heads = 2
+    config.data.image_size = (16, 16, 16)
+    config.data.val_size = 1
+    config.loss.ncc_window = 5
+    config.train.learning_rate = 1e-3
+    config.train.max_steps = 6
+    config.train.log_every = 1
+    config.train.eval_every = 3
+    config.train.checkpoint_every = 1
+    config.train.early_stopping_patience = 0
+    return config
+
+
+def random_batch(batch_size=1, shape=(16, 16, 16), seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "fixed": rng.random((batch_size, *shape, 1), dtype=np.float32),
+        "moving": rng.random((batch_size, *shape, 1), dtype=np.float32),
+    }
+
+
+def test_loss_terms_and_weights():
+    config = tiny_config()
+    image = jnp.asarray(random_batch()["fixed"])
+    zero = jnp.zeros((1, 16, 16, 16, 3))
+    loss, terms = registration_loss({"warped": image, "ddf": zero}, {"fixed": image}, config.loss)
+    assert float(terms["ssim"]) == pytest.approx(1.0, abs=1e-5)
+    assert float(loss) == pytest.approx(1.0 - float(terms["ncc"]), abs=1e-5)
+    shift = zero.at[..., 0].set(jnp.arange(16.0)[None, :, None, None] * -2.0)  # folds
+    batch = {
+        "fixed": image,
+        "fixed_points": jnp.asarray([[[4.0, 4.0, 4.0]]]),
+        "moving_points": jnp.asarray([[[5.0, 4.0, 4.0]]]),
+        "spacing": jnp.asarray([[2.0, 1.0, 1.0]]),
+    }
+    config.loss.landmark_weight = 1.0
+    loss, terms = registration_loss({"warped": image, "ddf": shift}, batch, config.loss)
+    assert float(terms["negative_jacobian"]) > 0 and float(terms["smoothness"]) > 0
+    # p + ddf(p) = 4 - 8 = -4 along D; the moving point is 5: 9 voxels * 2 mm.
+    assert float(terms["tre_mm"]) == pytest.approx(18.0, rel=1e-5)
+
+
+def test_train_step_learns_and_does_not_recompile():
+    config = tiny_config()
+    model = build_model(config.model)
+    batch = random_batch()
+    state = training.create_train_state(config, model, batch)
+    before = jax.tree.map(np.asarray, state.params)
+
+    def traced_step(state, batch, rng):
+        return step_impl(state, batch, rng)
+
+    step_impl = training.make_train_step(model, config.loss)
+    step = chex.assert_max_traces(traced_step, n=1)
+    jitted = jax.jit(step, donate_argnums=(0,))
+    for index in range(3):
+        state, metrics = jitted(state, batch, jax.random.key(index))
+        assert np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 3
+    changed = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), before, state.params)
+    assert any(jax.tree.leaves(changed))
+
+
+def test_two_devices_give_the_same_parameters_as_one():
+    assert jax.device_count() >= 2
+    config = tiny_config()
+    model = build_model(config.model)
+    batch = random_batch(batch_size=2, seed=1)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()[:2]):
+        mesh = training.data_mesh(devices)
+        state = training.create_train_state(config, model, batch)
+        # Plain SGD: Adam would turn float-rounding differences of near-zero gradients into
+        # full-size steps, hiding what this test checks (the sharded gradient itself).
+        state = state.replace(tx=optax.sgd(0.1), opt_state=optax.sgd(0.1).init(state.params))
+        state = training.replicate(state, mesh)
+        step = training.make_train_step(model, config.loss)
+        for index in range(2):
+            state, metrics = step(state, training.shard_batch(batch, mesh), jax.random.key(index))
+            jax.block_until_ready(metrics)  # never queue collectives (JAX-NOTES.md)
+        results.append(jax.tree.map(np.asarray, state.params))
+    for one, two in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+        np.testing.assert_allclose(one, two, rtol=1e-4, atol=1e-6)
+
+
+TINY_CONFIG_FILE = """
+from configs import default
+from tests.test_training import tiny_config
+
+def get_config():
+    return tiny_config()
+"""
+
+
+def run_train(config_file: Path, workdir: Path, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), f"--config={config_file}", f"--workdir={workdir}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+    config_file = tmp_path / "tiny.py"
+    config_file.write_text(TINY_CONFIG_FILE)
+    reference = run_train(config_file, tmp_path / "reference")
+    killed = run_train(config_file, tmp_path / "killed")
+    checkpoint = tmp_path / "killed" / "checkpoints" / "2"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists(), killed.communicate()[0][-2000:]
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed = run_train(config_file, tmp_path / "killed")
+    resumed_log = resumed.communicate(timeout=300)[0]
+    reference_log = reference.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, resumed_log[-2000:]
+    assert reference.returncode == 0, reference_log[-2000:]
+    assert "resuming from step" in resumed_log
+    _, _, final = training.restore_for_inference(tmp_path / "killed", which="latest")
+    _, _, expected = training.restore_for_inference(tmp_path / "reference", which="latest")
+    for got, want in zip(jax.tree.leaves(final), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+    lines = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").open()]
+    assert any("val/dice" in line for line in lines)
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+    config = tiny_config()
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    other = tiny_config()
+    other.model.channels = (4, 8, 16)
+    with pytest.raises(ValueError, match="holds a run of another config"):
+        training.train_and_evaluate(other, tmp_path)
