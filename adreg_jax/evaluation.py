@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from adreg_jax import ops
-from adreg_jax.data import build_dataset
+from adreg_jax.data import build_dataset, dataset_labels
 from adreg_jax.losses import mean_tre
-from adreg_jax.training import dataset_labels, restore_for_inference
+from adreg_jax.training import restore_for_inference
 
 
 def case_metrics(model, variables, pair: dict[str, np.ndarray], labels) -> dict[str, float]:

@@ -36,16 +36,11 @@ from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers
 
 from adreg_jax import ops
-from adreg_jax.data import build_dataset, generated, make_iterator
+from adreg_jax.data import build_dataset, dataset_labels, make_iterator
 from adreg_jax.losses import mean_tre, registration_loss
 from adreg_jax.models import build_model
 
 TrainState = flax_train_state.TrainState
-
-
-def dataset_labels(data_config) -> tuple[int, ...] | None:
-    """Label ids whose Dice validation reports (None for data sets without label maps)."""
-    return {"generated_brain": generated.BRAIN_LABELS}.get(data_config.dataset)
 
 
 # --- the pure pieces ---------------------------------------------------------------------------
