@@ -1,0 +1,131 @@
+"""Training throughput: steps per second and peak memory of real training steps (the Grain
+pipeline on generated brains, the jitted step with the config's loss and Adam), per ablation
+variant, each variant in a fresh process so that its peak memory is its own.
+
+    python benchmarks/bench_train.py                                  # demo config, all variants
+    python benchmarks/bench_train.py --config ixi --dataset generated_brain --steps 3
+
+Peak memory is the process's peak resident set (CPU) or, on a GPU, the device's peak bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "AD-RegNet (full)": {},
+    "no cross attention": {"use_cross_attention": False},
+    "no regional attention": {"use_regional_attention": False},
+    "no multi-resolution": {"use_multires": False},
+    "U-Net baseline": {
+        "use_cross_attention": False,
+        "use_regional_attention": False,
+        "use_multires": False,
+    },
+}
+
+
+def run_variant(config_name: str, overrides: dict, dataset: str, steps: int, dtype: str) -> dict:
+    """In this process: compile, warm up one step, then time ``steps`` steps."""
+    import importlib
+    import resource
+
+    import jax
+
+    from adreg_jax import training
+    from adreg_jax.data import make_iterator
+    from adreg_jax.models import build_model
+
+    config = importlib.import_module(f"configs.{config_name}").get_config()
+    config.model.update(overrides)
+    config.model.dtype = dtype
+    if dataset:
+        config.data.dataset = dataset
+    config.data.num_workers = 0
+    model = build_model(config.model)
+    batches = make_iterator(config.data, "train", config.seed)
+    batch = next(batches)
+    state = training.create_train_state(config, model, batch)
+    step = training.make_train_step(model, config.loss)
+    start = time.perf_counter()
+    state, metrics = step(state, batch, jax.random.key(0))
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for index in range(steps):
+        state, metrics = step(state, next(batches), jax.random.key(index))
+        jax.block_until_ready(metrics)
+    seconds = time.perf_counter() - start
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        peak_gb = stats["peak_bytes_in_use"] / 2**30
+    else:
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB
+    return {
+        "steps_per_s": steps / seconds,
+        "compile_s": compile_s,
+        "peak_gb": peak_gb,
+        "shape": list(config.data.image_size),
+        "platform": device.platform,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="demo", help="a module in configs/")
+    parser.add_argument("--dataset", default="generated_brain")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        result = run_variant(
+            args.config, VARIANTS[args.child], args.dataset, args.steps, args.dtype
+        )
+        print("RESULT " + json.dumps(result))
+        return
+    rows = []
+    for name in args.variants:
+        command = [
+            sys.executable,
+            __file__,
+            "--config", args.config,
+            "--dataset", args.dataset,
+            "--steps", str(args.steps),
+            "--dtype", args.dtype,
+            "--child", name,
+        ]  # fmt: skip
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not lines:
+            print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append((name, json.loads(lines[-1][len("RESULT ") :])))
+    if not rows:
+        sys.exit(1)
+    shape = "x".join(map(str, rows[0][1]["shape"]))
+    print(
+        f"\ntraining steps, configs/{args.config}.py on {args.dataset} at {shape}, {args.dtype}, "
+        f"{rows[0][1]['platform']}, {args.steps} timed steps after one compiled step\n"
+    )
+    print("| variant | steps/s | s/step | compile s | peak memory GB |")
+    print("|---|---|---|---|---|")
+    for name, result in rows:
+        print(
+            f"| {name} | {result['steps_per_s']:.3f} | {1 / result['steps_per_s']:.2f} | "
+            f"{result['compile_s']:.1f} | {result['peak_gb']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
