@@ -12,27 +12,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from adreg_jax import training
-from adreg_jax.models import build_model
-from configs import default
+from adreg_jax.models import ABLATIONS, build_model
 
-VARIANTS = {
-    "AD-RegNet (full)": {},
-    "no cross attention": {"use_cross_attention": False},
-    "no regional attention": {"use_regional_attention": False},
-    "no multi-resolution": {"use_multires": False},
-    "U-Net baseline": {
-        "use_cross_attention": False,
-        "use_regional_attention": False,
-        "use_multires": False,
-    },
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives beside adreg_jax/
+from configs import default  # noqa: E402
+
+VARIANTS = ABLATIONS
 
 
 def parse_size(text: str) -> tuple[int, int, int]:

@@ -18,18 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+from adreg_jax.models import ABLATIONS
+
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {
-    "AD-RegNet (full)": {},
-    "no cross attention": {"use_cross_attention": False},
-    "no regional attention": {"use_regional_attention": False},
-    "no multi-resolution": {"use_multires": False},
-    "U-Net baseline": {
-        "use_cross_attention": False,
-        "use_regional_attention": False,
-        "use_multires": False,
-    },
-}
+
+VARIANTS = ABLATIONS
 
 
 def run_variant(config_name: str, overrides: dict, dataset: str, steps: int, dtype: str) -> dict:

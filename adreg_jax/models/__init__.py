@@ -1,10 +1,11 @@
 """Flax (linen) modules of AD-RegNet: pure init/apply, built from ``config.model``."""
 
-from adreg_jax.models.adregnet import ADRegNet, build_model
+from adreg_jax.models.adregnet import ABLATIONS, ADRegNet, build_model
 from adreg_jax.models.attention import BidirectionalCrossAttention, RegionalAdaptiveAttention
 from adreg_jax.models.backbone import ConvBlock, DecoderStage, Encoder
 
 __all__ = [
+    "ABLATIONS",
     "ADRegNet",
     "BidirectionalCrossAttention",
     "ConvBlock",

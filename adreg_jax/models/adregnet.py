@@ -28,6 +28,19 @@ from adreg_jax.models.backbone import ConvBlock, DecoderStage, Encoder
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# The paper's ablation study as config.model overrides (benchmarks and comparisons use these).
+ABLATIONS: dict[str, dict[str, bool]] = {
+    "AD-RegNet (full)": {},
+    "no cross attention": {"use_cross_attention": False},
+    "no regional attention": {"use_regional_attention": False},
+    "no multi-resolution": {"use_multires": False},
+    "U-Net baseline": {
+        "use_cross_attention": False,
+        "use_regional_attention": False,
+        "use_multires": False,
+    },
+}
+
 
 def _ddf_head(name: str, dtype: Any) -> nn.Conv:
     # Near-zero initial weights: an untrained model predicts (almost) the identity map.
