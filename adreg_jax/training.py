@@ -267,11 +267,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     model = build_model(config.model)
     train_iter = make_iterator(config.data, "train", config.seed)
     val_data = build_dataset(config.data, "val", config.seed)
-    first = next(train_iter)
-    state = create_train_state(config, model, first)
-    manager = _checkpoint_manager(workdir, config.train)
     progress = {"iterator": train_iter.get_state(), "best": None, "since_best": 0}
-    train_iter = make_iterator(config.data, "train", config.seed)  # restart: `first` was a probe
+    state = create_train_state(config, model, next(train_iter))  # a batch only for the shapes
+    train_iter.set_state(progress["iterator"])
+    manager = _checkpoint_manager(workdir, config.train)
 
     start = manager.latest_step()
     if start is not None:

@@ -170,3 +170,30 @@ def test_workdir_of_another_config_is_refused(tmp_path):
     other.model.channels = (4, 8, 16)
     with pytest.raises(ValueError, match="holds a run of another config"):
         training.train_and_evaluate(other, tmp_path)
+
+
+def test_non_finite_loss_stops_the_run_with_a_clear_error(tmp_path, monkeypatch):
+    real_make_iterator = training.make_iterator
+
+    class PoisonedIterator:
+        """The real stream with NaN images, keeping the checkpointable state."""
+
+        def __init__(self, *args):
+            self.inner = real_make_iterator(*args)
+
+        def __next__(self):
+            batch = dict(next(self.inner))
+            batch["fixed"] = batch["fixed"] * np.nan
+            return batch
+
+        def get_state(self):
+            return self.inner.get_state()
+
+        def set_state(self, state):
+            self.inner.set_state(state)
+
+    monkeypatch.setattr(training, "make_iterator", PoisonedIterator)
+    config = tiny_config()
+    with pytest.raises(FloatingPointError, match="non-finite training loss nan at step 1"):
+        training.train_and_evaluate(config, tmp_path)
+    assert not (tmp_path / "checkpoints" / "1").exists()
