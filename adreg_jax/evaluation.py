@@ -27,10 +27,11 @@ from adreg_jax.losses import mean_tre
 from adreg_jax.training import restore_for_inference
 
 
-def case_metrics(model, variables, pair: dict[str, np.ndarray], labels) -> dict[str, float]:
-    """All metrics of one registered pair (unbatched pair dict from the data pipeline)."""
+def case_metrics(apply_fn, variables, pair: dict[str, np.ndarray], labels) -> dict[str, float]:
+    """All metrics of one registered pair (unbatched pair dict from the data pipeline);
+    ``apply_fn`` is the (jitted) ``model.apply``."""
     batch = {k: jnp.asarray(v)[None] for k, v in pair.items()}
-    outputs = _apply(model, variables, batch["fixed"], batch["moving"])
+    outputs = apply_fn(variables, batch["fixed"], batch["moving"])
     ddf, warped = outputs["ddf"], outputs["warped"]
     fixed, moving = batch["fixed"], batch["moving"]
     stats = ops.jacobian_stats(ddf)
@@ -58,17 +59,6 @@ def case_metrics(model, variables, pair: dict[str, np.ndarray], labels) -> dict[
         row["tre_mm_before"] = mean_tre(batch, jnp.zeros_like(ddf))
         row["tre_mm"] = mean_tre(batch, ddf)
     return {key: float(np.asarray(value).reshape(-1)[0]) for key, value in row.items()}
-
-
-_apply_cache: dict[int, Any] = {}
-
-
-def _apply(model, variables, fixed, moving):
-    # One jitted apply per model object: every test pair has the same shape, so one compile.
-    key = id(model)
-    if key not in _apply_cache:
-        _apply_cache[key] = jax.jit(model.apply)
-    return _apply_cache[key](variables, fixed, moving)
 
 
 def summarise(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -113,10 +103,11 @@ def markdown_table(rows: list[dict[str, float]], summary: dict[str, dict[str, fl
 def evaluate_run(config, workdir: str | Path, which: str = "best") -> dict[str, Any]:
     """Evaluate the run in ``workdir`` on ``config``'s test split; returns the metrics dict."""
     workdir = Path(workdir)
-    run_config, model, variables = restore_for_inference(workdir, which=which)
+    _, model, variables = restore_for_inference(workdir, which=which)
+    apply_fn = jax.jit(model.apply)  # every test pair has one shape: one compile
     dataset = build_dataset(config.data, "test", int(config.seed))
     labels = dataset_labels(config.data)
-    rows = [case_metrics(model, variables, dataset[i], labels) for i in range(len(dataset))]
+    rows = [case_metrics(apply_fn, variables, dataset[i], labels) for i in range(len(dataset))]
     if not rows:
         raise ValueError(f"the test split of config.data.dataset={config.data.dataset!r} is empty")
     summary = summarise(rows)
@@ -131,5 +122,4 @@ def evaluate_run(config, workdir: str | Path, which: str = "best") -> dict[str, 
         for index, row in enumerate(rows):
             writer.writerow({"case": index, **row})
     (out / "table.md").write_text(markdown_table(rows, summary))
-    del run_config
     return result

@@ -126,8 +126,7 @@ def instance_optimise(
 
 
 def _dice_report(fixed_seg, moving_seg, warped_seg) -> dict:
-    labels = sorted(set(np.unique(fixed_seg)) | set(np.unique(moving_seg)) - {0})
-    labels = [int(label) for label in labels if label != 0]
+    labels = [int(v) for v in np.union1d(np.unique(fixed_seg), np.unique(moving_seg)) if v != 0]
     if not labels:
         return {}
     before = np.asarray(ops.dice(jnp.asarray(moving_seg), jnp.asarray(fixed_seg), labels))
