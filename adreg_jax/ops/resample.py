@@ -287,7 +287,7 @@ def integrate_velocity(velocity: jnp.ndarray, steps: int = 7) -> jnp.ndarray:
     check_ddf(velocity, "velocity")
     if steps < 0:
         raise ValueError(f"steps must be >= 0; got {steps}")
-    ddf = velocity / (2.0**steps)
-    for _ in range(steps):
-        ddf = compose(ddf, ddf)
-    return ddf
+    # A loop, not unrolled Python: unrolled, XLA on CPU fuses each squaring's gathers into the
+    # next one's and recomputes them per corner read (measured at 64^3, 7 steps: 7.3 s forward,
+    # 12.7 s with gradient; in the loop 20 ms and 0.6 s).
+    return jax.lax.fori_loop(0, steps, lambda _, ddf: compose(ddf, ddf), velocity / (2.0**steps))
