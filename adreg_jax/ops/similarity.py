@@ -1,4 +1,4 @@
-"""Image similarity measures: local NCC, global NCC, MSE, SSIM.
+"""Image similarity measures: local NCC, global NCC, MSE, SSIM, mutual information.
 
 Where this sits: the training loss is built from ``ncc_local`` and ``ssim``; evaluation reports all
 four. Images are (..., D, H, W, C); every measure returns one value per leading index (a scalar
@@ -46,17 +46,18 @@ def _filter3d(x: jnp.ndarray, taps: np.ndarray) -> jnp.ndarray:
 
 
 def _box_sum_axis(x: jnp.ndarray, window: int, axis: int) -> jnp.ndarray:
-    """Sliding sum of ``window`` values along ``axis`` (zero padding, same size) in O(voxels):
-    a running sum (cumsum) differenced at distance ``window``."""
-    radius = window // 2
-    n = x.shape[axis]
+    """Sliding sum of ``window`` values along ``axis`` (zero padding, same size).
+
+    ``lax.reduce_window`` (sum pooling): measured 5-14x faster on CPU, with its gradient, than a
+    cumsum differenced at distance ``window`` (which XLA lowers to a windowed reduction of its
+    own), and it is what GPUs run as pooling.
+    """
     axis = axis % x.ndim
+    dims = [1] * x.ndim
+    dims[axis] = window
     pad = [(0, 0)] * x.ndim
-    pad[axis] = (radius + 1, radius)
-    csum = jnp.cumsum(jnp.pad(x, pad), axis=axis)
-    upper = jax.lax.slice_in_dim(csum, window, window + n, axis=axis)
-    lower = jax.lax.slice_in_dim(csum, 0, n, axis=axis)
-    return upper - lower
+    pad[axis] = (window // 2, window // 2)
+    return jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, [1] * x.ndim, pad)
 
 
 def box_sum(x: jnp.ndarray, window: int) -> jnp.ndarray:
@@ -75,9 +76,9 @@ def ncc_local_map(
         raise ValueError(f"window must be a positive odd integer; got {window}")
     a = a.astype(jnp.float32)
     b = b.astype(jnp.float32)
-    # One filtering pass over the five statistics, stacked on the channel axis.
-    stats = box_sum(jnp.concatenate([a, b, a * a, b * b, a * b], axis=-1), window)
-    sa, sb, saa, sbb, sab = jnp.split(stats, 5, axis=-1)
+    # Five separate box sums: stacked on the channel axis they ran 2-4x slower on CPU (a small
+    # minor axis that XLA's loops do not vectorise).
+    sa, sb, saa, sbb, sab = (box_sum(x, window) for x in (a, b, a * a, b * b, a * b))
     n = float(window**3)
     cross = sab - sa * sb / n
     var_a = saa - sa * sa / n
@@ -162,3 +163,43 @@ def ssim(
     num = (2.0 * mu_a * mu_b + c1) * (2.0 * cov + c2)
     den = (mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2)
     return jnp.mean(num / den, axis=(-4, -3, -2, -1))
+
+
+def mutual_information(
+    a: jnp.ndarray,
+    b: jnp.ndarray,
+    bins: int = 32,
+    sigma_ratio: float = 0.5,
+    value_range: tuple[float, float] = (0.0, 1.0),
+) -> jnp.ndarray:
+    """Mutual information of the intensities of a and b in nats, by Parzen windowing.
+
+    Each intensity (clipped to ``value_range``) spreads over ``bins`` evenly spaced centres with
+    Gaussian weights (sigma = ``sigma_ratio`` * bin spacing) normalised to sum 1; the joint
+    histogram is the mean outer product of the two weight vectors over voxels (and channels), and
+    ``MI = sum p(i, j) log(p(i, j) / (p(i) p(j)))``. Differentiable in both images; no assumption
+    of a linear intensity relation, so it serves scans of different modalities (T1 to T2, MR to
+    CT), as in MONAI's GlobalMutualInformationLoss and VoxelMorph's MutualInformation.
+
+    Returns:
+      (...) per leading index: 0 for independent images, the entropy of a for b = a.
+    """
+    check_same_shape(a, b, ("a", "b"))
+    if bins < 2 or not sigma_ratio > 0:
+        raise ValueError(f"need bins >= 2 and sigma_ratio > 0; got {bins}, {sigma_ratio}")
+    low, high = value_range
+    centres = jnp.linspace(low, high, bins, dtype=jnp.float32)
+    sigma = sigma_ratio * (high - low) / (bins - 1)
+    lead = a.shape[:-4]
+
+    def weights(x):  # (..., N) -> (..., N, bins), rows summing to 1
+        x = jnp.clip(x.astype(jnp.float32).reshape(*lead, -1), low, high)
+        logits = -0.5 * jnp.square((x[..., None] - centres.reshape((1,) * x.ndim + (-1,))) / sigma)
+        return jax.nn.softmax(logits, axis=-1)
+
+    wa, wb = weights(a), weights(b)
+    joint = jnp.einsum("...ni,...nj->...ij", wa, wb) / wa.shape[-2]
+    pa = jnp.sum(joint, axis=-1, keepdims=True)
+    pb = jnp.sum(joint, axis=-2, keepdims=True)
+    tiny = 1e-10
+    return jnp.sum(joint * (jnp.log(joint + tiny) - jnp.log(pa * pb + tiny)), axis=(-2, -1))
