@@ -1,11 +1,17 @@
 """Evaluate a trained run on its test split: a thin entry point over adreg_jax.evaluation.
 
     python eval.py --config configs/demo.py --workdir runs/demo
+    python eval.py --config configs/demo.py --workdir runs/demo --compare runs/demo_unet
+    python eval.py --config configs/demo.py --workdir runs/demo --figures 2
 
-Writes WORKDIR/eval/metrics.json, per_case.csv and table.md, and prints the table.
+Writes WORKDIR/eval/metrics.json, per_case.csv, table.md (structures.md for IXI), figures/*.png
+and, with --compare, compare.md and compare.json (each compared run's own evaluation goes to
+WORKDIR/eval/compare/<run name>/); prints the tables.
 """
 
+import json
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -13,6 +19,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The configs/*.py file of the run.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory that train.py wrote.")
 _WHICH = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to use.")
+_FIGURES = flags.DEFINE_integer("figures", -1, "Cases that get figures: -1 all, 0 none.")
+_COMPARE = flags.DEFINE_list(
+    "compare", [], "Other run directories (ablations, baselines) evaluated on the same test cases."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -20,15 +30,34 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    from adreg_jax.evaluation import evaluate_run, markdown_table
+    from adreg_jax.evaluation import compare_runs, evaluate_run, markdown_table
 
+    workdir = Path(_WORKDIR.value)
     try:
-        result = evaluate_run(_CONFIG.value, _WORKDIR.value, which=_WHICH.value)
+        result = evaluate_run(_CONFIG.value, workdir, which=_WHICH.value, figures=_FIGURES.value)
+        print(markdown_table(result["per_case"], result["summary"]))
+        print(f"wrote {workdir}/eval/metrics.json, per_case.csv, table.md, figures/")
+        if _COMPARE.value:
+            results = {workdir.name: result}
+            for other in map(Path, _COMPARE.value):
+                name = other.name if other.name not in results else str(other)
+                results[name] = evaluate_run(
+                    _CONFIG.value,
+                    other,
+                    which=_WHICH.value,
+                    figures=0,
+                    out=workdir / "eval" / "compare" / other.name,
+                )
+            comparison = compare_runs(results)
+            (workdir / "eval" / "compare.md").write_text(comparison["table"])
+            (workdir / "eval" / "compare.json").write_text(
+                json.dumps(comparison["metrics"], indent=2)
+            )
+            print(comparison["table"])
+            print(f"wrote {workdir}/eval/compare.md and compare.json")
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    print(markdown_table(result["per_case"], result["summary"]))
-    print(f"wrote {_WORKDIR.value}/eval/metrics.json, per_case.csv, table.md")
 
 
 if __name__ == "__main__":

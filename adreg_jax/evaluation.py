@@ -6,14 +6,31 @@ the best checkpoint come from ``training.restore_for_inference``; the test pairs
 conventions of DESIGN.md (Dice over the data set's labels, absent labels left out of means; TRE
 in mm; Jacobian determinant with numpy.gradient derivatives).
 
-Writes ``WORKDIR/eval/metrics.json`` (means, stds and per-case values), ``per_case.csv`` and
-``table.md`` (one row per case, "before" columns beside the registered ones, a mean (std) row).
+Writes into ``WORKDIR/eval/``: ``metrics.json`` (means, stds and per-case values),
+``per_case.csv``, ``table.md`` (one row per case, "before" columns beside the registered ones, a
+mean (std) row; for IXI also the Dice of TransMorph's 17 left/right-merged structures,
+``structures.md``) and per-case figures in ``figures/`` (``figures.py``): the overview (slices,
+differences, det J with folds, deformed grid, and the test-time-augmentation spread) and the
+attention diagnostics (BCAM alpha per level, RAA region weights, multi-resolution blend maps).
+
+Uncertainty (the TTA spread): the pair is registered four times, as given and mirrored along each
+spatial axis (both images flipped, the predicted DDF flipped back with the mirrored component
+negated, so all four fields live on the original grid). The maps are the voxel-wise standard
+deviation over the four passes of the warped image (intensity units) and of the displacement
+(the norm of the per-component standard deviations, in voxels). Mirroring is an exact symmetry
+of the registration problem but not of a trained network, so the spread shows where the
+prediction is not determined by the images alone.
+
+``compare_runs`` puts other runs (ablations, the U-Net baseline) beside this one: a table of mean
+(std) per metric per run and the paired Wilcoxon signed-rank p-value (scipy) of each against the
+first, over the same test cases.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +40,19 @@ import numpy as np
 
 from adreg_jax import ops
 from adreg_jax.data import build_dataset, dataset_labels
+from adreg_jax.data.labels import IXI_GROUPS, IXI_VOI
 from adreg_jax.losses import mean_tre
 from adreg_jax.training import restore_for_inference
 
 
-def case_metrics(apply_fn, variables, pair: dict[str, np.ndarray], labels) -> dict[str, float]:
+def case_metrics(
+    apply_fn, variables, pair: dict[str, np.ndarray], labels, outputs=None
+) -> dict[str, float]:
     """All metrics of one registered pair (unbatched pair dict from the data pipeline);
-    ``apply_fn`` is the (jitted) ``model.apply``."""
+    ``apply_fn`` is the (jitted) ``model.apply``; ``outputs`` its result when already computed."""
     batch = {k: jnp.asarray(v)[None] for k, v in pair.items()}
-    outputs = apply_fn(variables, batch["fixed"], batch["moving"])
+    if outputs is None:
+        outputs = apply_fn(variables, batch["fixed"], batch["moving"])
     ddf, warped = outputs["ddf"], outputs["warped"]
     fixed, moving = batch["fixed"], batch["moving"]
     stats = ops.jacobian_stats(ddf)
@@ -55,10 +76,91 @@ def case_metrics(apply_fn, variables, pair: dict[str, np.ndarray], labels) -> di
         row["dice"] = jnp.nanmean(after)
         for label, value in zip(labels, np.asarray(after), strict=True):
             row[f"dice_label{label}"] = value
+        groups = structure_dice(dict(zip(labels, np.asarray(after), strict=True)))
+        if groups:
+            row["dice_17"] = np.nanmean(list(groups.values()))
+            row.update({f"dice_{name}": value for name, value in groups.items()})
     if "fixed_points" in batch:
         row["tre_mm_before"] = mean_tre(batch, jnp.zeros_like(ddf))
         row["tre_mm"] = mean_tre(batch, ddf)
     return {key: float(np.asarray(value).reshape(-1)[0]) for key, value in row.items()}
+
+
+def structure_dice(per_label: dict[int, float]) -> dict[str, float]:
+    """TransMorph's 17-structure Dice: each IXI structure the mean of its left and right labels'
+    Dice (those present); empty unless the labels are IXI's."""
+    if not set(IXI_VOI) <= set(per_label):
+        return {}
+    groups = {}
+    for name, members in IXI_GROUPS.items():
+        values = [per_label[m] for m in members if np.isfinite(per_label[m])]
+        groups[name] = float(np.mean(values)) if values else float("nan")
+    return groups
+
+
+def tta_spread(apply_fn, variables, fixed, moving) -> dict[str, np.ndarray]:
+    """Voxel-wise spread of the registration under mirroring (see the module docstring).
+
+    fixed, moving: (1, D, H, W, 1). Returns ``warped_std`` (D, H, W) and ``ddf_std`` (D, H, W,
+    voxels)."""
+    warped, ddfs = [], []
+    for axis in (None, 1, 2, 3):
+        flip = (lambda x: x) if axis is None else (lambda x, a=axis: jnp.flip(x, axis=a))
+        ddf = flip(apply_fn(variables, flip(fixed), flip(moving))["ddf"])
+        if axis is not None:
+            ddf = ddf.at[..., axis - 1].multiply(-1.0)
+        ddfs.append(ddf[0])
+        warped.append(ops.warp(moving, ddf)[0, ..., 0])
+    ddfs, warped = jnp.stack(ddfs), jnp.stack(warped)
+    return {
+        "warped_std": np.asarray(jnp.std(warped, axis=0)),
+        "ddf_std": np.asarray(jnp.sqrt(jnp.sum(jnp.var(ddfs, axis=0), axis=-1))),
+    }
+
+
+def _region_grid(config, shape) -> tuple[int, int, int]:
+    """The (gd, gh, gw) grid of RAA regions over the deepest features of an input of ``shape``."""
+    stride = 2 ** (len(config.model.channels) - 1)
+    deep = [-(-n // stride) for n in shape]
+    region = [min(r, n) for r, n in zip(config.model.region_size, deep, strict=True)]
+    return tuple(-(-n // r) for n, r in zip(deep, region, strict=True))
+
+
+def case_figures(apply_fn, variables, config, pair, outputs, out: Path, name: str) -> list[Path]:
+    """The overview and attention figures of one case into ``out``."""
+    from adreg_jax.figures import attention_figure, overview_figure
+
+    fixed, moving = jnp.asarray(pair["fixed"])[None], jnp.asarray(pair["moving"])[None]
+    spacing = np.asarray(pair.get("spacing", (1.0, 1.0, 1.0)), np.float64).reshape(-1)[:3]
+    spread = tta_spread(apply_fn, variables, fixed, moving)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [
+        overview_figure(
+            out / f"{name}_overview.png",
+            pair["fixed"][..., 0],
+            pair["moving"][..., 0],
+            np.asarray(outputs["warped"][0, ..., 0]),
+            np.asarray(outputs["ddf"][0]),
+            spacing=spacing,
+            extra={"TTA std warped": spread["warped_std"], "TTA std ddf (vox)": spread["ddf_std"]},
+            title=name,
+        )
+    ]
+    region = outputs.get("region_weights")
+    if region is not None:
+        grid = _region_grid(config, pair["fixed"].shape[:3])
+        region = np.asarray(region[0]).reshape(grid) * float(np.prod(grid))
+    paths.append(
+        attention_figure(
+            out / f"{name}_attention.png",
+            pair["fixed"][..., 0],
+            {k: float(v) for k, v in outputs.get("alphas", {}).items()},
+            region,
+            [np.asarray(w[0, ..., 0]) for w in outputs.get("blend_weights", [])],
+            spacing=spacing,
+        )
+    )
+    return paths
 
 
 def summarise(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -73,6 +175,7 @@ def summarise(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 _TABLE_COLUMNS = (
     ("Dice before", "dice_before"),
     ("Dice", "dice"),
+    ("Dice 17 structures", "dice_17"),
     ("TRE before (mm)", "tre_mm_before"),
     ("TRE (mm)", "tre_mm"),
     ("NCC before", "ncc_before"),
@@ -100,20 +203,60 @@ def markdown_table(rows: list[dict[str, float]], summary: dict[str, dict[str, fl
     return "\n".join(lines) + "\n"
 
 
-def evaluate_run(config, workdir: str | Path, which: str = "best") -> dict[str, Any]:
-    """Evaluate the run in ``workdir`` on ``config``'s test split; returns the metrics dict."""
+def structures_table(summary: dict[str, dict[str, float]]) -> str:
+    """Mean (std) Dice of TransMorph's 17 IXI structures, one row each ("" when not IXI)."""
+    names = [name for name in IXI_GROUPS if f"dice_{name}" in summary]
+    if not names:
+        return ""
+    lines = ["| structure | Dice mean (std) |", "|---|---|"]
+    for name in names:
+        stat = summary[f"dice_{name}"]
+        lines.append(f"| {name} | {stat['mean']:.4f} ({stat['std']:.4f}) |")
+    stat = summary["dice_17"]
+    lines.append(f"| mean of the 17 | {stat['mean']:.4f} ({stat['std']:.4f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_run(
+    config,
+    workdir: str | Path,
+    which: str = "best",
+    figures: int = -1,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate the run in ``workdir`` on ``config``'s test split; returns the metrics dict.
+
+    ``figures``: how many cases get figures (-1: all, 0: none). ``out``: where to write
+    (default ``workdir/eval``). The model comes from the run's own saved config, the test pairs
+    from ``config.data``, so runs with different models are compared on the same cases.
+    """
     workdir = Path(workdir)
-    _, model, variables = restore_for_inference(workdir, which=which)
+    run_config, model, variables = restore_for_inference(workdir, which=which)
     apply_fn = jax.jit(model.apply)  # every test pair has one shape: one compile
     dataset = build_dataset(config.data, "test", int(config.seed))
     labels = dataset_labels(config.data)
-    rows = [case_metrics(apply_fn, variables, dataset[i], labels) for i in range(len(dataset))]
-    if not rows:
+    if len(dataset) == 0:
         raise ValueError(f"the test split of config.data.dataset={config.data.dataset!r} is empty")
-    summary = summarise(rows)
-    out = workdir / "eval"
+    out = Path(out) if out is not None else workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    result = {"workdir": str(workdir), "cases": len(rows), "summary": summary, "per_case": rows}
+    rows, figure_paths = [], []
+    for index in range(len(dataset)):
+        pair = dataset[index]
+        batch = {k: jnp.asarray(v)[None] for k, v in pair.items()}
+        outputs = apply_fn(variables, batch["fixed"], batch["moving"])
+        rows.append(case_metrics(apply_fn, variables, pair, labels, outputs))
+        if figures < 0 or index < figures:
+            figure_paths += case_figures(
+                apply_fn, variables, run_config, pair, outputs, out / "figures", f"case{index:03d}"
+            )
+    summary = summarise(rows)
+    result = {
+        "workdir": str(workdir),
+        "cases": len(rows),
+        "summary": summary,
+        "per_case": rows,
+        "figures": [str(p) for p in figure_paths],
+    }
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     keys = sorted({k for row in rows for k in row})
     with (out / "per_case.csv").open("w", newline="") as handle:
@@ -122,4 +265,69 @@ def evaluate_run(config, workdir: str | Path, which: str = "best") -> dict[str, 
         for index, row in enumerate(rows):
             writer.writerow({"case": index, **row})
     (out / "table.md").write_text(markdown_table(rows, summary))
+    structures = structures_table(summary)
+    if structures:
+        (out / "structures.md").write_text(structures)
     return result
+
+
+# --- comparing runs -----------------------------------------------------------------------------
+
+_COMPARE_KEYS = (
+    "dice",
+    "dice_17",
+    "tre_mm",
+    "ncc",
+    "mse",
+    "ssim",
+    "negative_jacobian_percent",
+    "jacobian_std",
+)
+
+
+def wilcoxon_p(first: Sequence[float], other: Sequence[float]) -> float:
+    """Two-sided paired Wilcoxon signed-rank p-value; 1.0 when the pairs do not differ at all."""
+    from scipy.stats import wilcoxon
+
+    first, other = np.asarray(first, np.float64), np.asarray(other, np.float64)
+    keep = np.isfinite(first) & np.isfinite(other)
+    differences = first[keep] - other[keep]
+    if differences.size == 0 or np.all(differences == 0):
+        return 1.0
+    return float(wilcoxon(first[keep], other[keep]).pvalue)
+
+
+def compare_runs(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Runs side by side: ``results`` maps a run name to an ``evaluate_run`` result, the first is
+    the reference. Returns {"table": markdown, "metrics": {key: {run: {mean, std, p}}}}."""
+    names = list(results)
+    cases = {name: result["cases"] for name, result in results.items()}
+    if len(set(cases.values())) != 1:
+        raise ValueError(f"runs were evaluated on different numbers of test cases: {cases}")
+    reference = results[names[0]]["per_case"]
+    keys = [k for k in _COMPARE_KEYS if all(k in r["summary"] for r in results.values())]
+    table = {}
+    for key in keys:
+        first = [row.get(key, np.nan) for row in reference]
+        table[key] = {}
+        for name in names:
+            values = [row.get(key, np.nan) for row in results[name]["per_case"]]
+            stat = dict(results[name]["summary"][key])
+            stat["p"] = None if name == names[0] else wilcoxon_p(first, values)
+            table[key][name] = stat
+    header = "| metric | " + " | ".join(names) + " |"
+    lines = [header, "|---|" + "---|" * len(names)]
+    for key in keys:
+        cells = []
+        for name in names:
+            stat = table[key][name]
+            cell = f"{stat['mean']:.4f} ({stat['std']:.4f})"
+            if stat["p"] is not None:
+                cell += f", p={stat['p']:.3g}"
+            cells.append(cell)
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    note = (
+        f"\nmean (std) over {reference and len(reference)} test cases; p: two-sided paired "
+        f"Wilcoxon signed-rank test against {names[0]}.\n"
+    )
+    return {"table": "\n".join(lines) + "\n" + note, "metrics": table}

@@ -1,0 +1,94 @@
+"""Evaluation of a trained run: tables, figures, the TTA spread, structures, run comparison."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adreg_jax import evaluation, training
+from adreg_jax.data.labels import IXI_GROUPS, IXI_VOI
+from tests.test_training import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run of two training steps on generated brains, and its config."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = tiny_config()
+    config.train.max_steps = 2
+    config.train.eval_every = 2
+    config.train.checkpoint_every = 2
+    config.data.test_size = 2
+    training.train_and_evaluate(config, workdir)
+    return config, workdir
+
+
+def test_evaluate_run_writes_tables_and_figures(tiny_run):
+    config, workdir = tiny_run
+    result = evaluation.evaluate_run(config, workdir, figures=1)
+    out = workdir / "eval"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["cases"] == result["cases"] == len(result["per_case"]) >= 2
+    for key in ("dice", "dice_before", "ncc", "ssim", "negative_jacobian_percent", "jacobian_min"):
+        assert key in saved["summary"]
+        assert all(np.isfinite(row[key]) for row in saved["per_case"])
+    lines = (out / "per_case.csv").read_text().splitlines()
+    assert len(lines) == 1 + result["cases"]
+    table = (out / "table.md").read_text()
+    assert "| mean (std) |" in table and "Dice before" in table
+    # figures for the first case only: the overview and the attention diagnostics, real PNGs
+    names = sorted(p.name for p in (out / "figures").iterdir())
+    assert names == ["case000_attention.png", "case000_overview.png"]
+    for name in names:
+        assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_comparing_a_run_with_itself_gives_equal_columns_and_p_one(tiny_run):
+    config, workdir = tiny_run
+    first = evaluation.evaluate_run(config, workdir, figures=0, out=workdir / "a")
+    second = evaluation.evaluate_run(config, workdir, figures=0, out=workdir / "b")
+    comparison = evaluation.compare_runs({"run": first, "again": second})
+    dice = comparison["metrics"]["dice"]
+    assert dice["run"]["mean"] == pytest.approx(dice["again"]["mean"])
+    assert dice["run"]["p"] is None and dice["again"]["p"] == 1.0
+    assert "| dice |" in comparison["table"] and "Wilcoxon" in comparison["table"]
+
+
+def test_wilcoxon_of_a_consistent_improvement_is_the_exact_tail():
+    # Ten paired cases, all improved, by distinct amounts: the exact two-sided signed-rank
+    # p-value is 2 / 2**10 (only one of the 2**10 sign patterns is as extreme on each side).
+    first = np.linspace(0.5, 0.6, 10)
+    other = first + np.linspace(0.01, 0.1, 10)
+    assert evaluation.wilcoxon_p(first, other) == pytest.approx(2.0 / 2**10)
+    assert evaluation.wilcoxon_p(first, first) == 1.0
+
+
+def test_structure_dice_merges_left_and_right():
+    per_label = {label: 0.5 for label in IXI_VOI}
+    per_label[1], per_label[21] = 0.6, 0.8  # left / right cerebral white matter
+    per_label[16] = np.nan  # CSF absent from both images
+    groups = evaluation.structure_dice(per_label)
+    assert len(groups) == len(IXI_GROUPS) == 17
+    assert groups["Cerebral-White-Matter"] == pytest.approx(0.7)
+    assert np.isnan(groups["CSF"])
+    assert groups["Brain-Stem"] == pytest.approx(0.5)
+    assert evaluation.structure_dice({1: 0.5, 2: 0.5, 3: 0.5}) == {}
+
+
+def test_tta_spread_of_a_constant_field_is_its_mirror_spread():
+    # A "model" that predicts the same translation (a, b, c) whatever it sees: mirrored passes
+    # return it with one component negated, so each component takes [v, -v, v, v] over the four
+    # passes, variance 0.75 v^2, and the spread is sqrt(0.75) |(a, b, c)|.
+    vector = jnp.asarray([1.0, -2.0, 0.5])
+
+    def apply_fn(variables, fixed, moving):
+        return {"ddf": jnp.broadcast_to(vector, (*fixed.shape[:4], 3))}
+
+    image = jnp.asarray(np.random.default_rng(0).random((1, 8, 9, 10, 1)), jnp.float32)
+    spread = evaluation.tta_spread(apply_fn, None, image, image)
+    np.testing.assert_allclose(
+        spread["ddf_std"], np.sqrt(0.75) * float(jnp.linalg.norm(vector)), rtol=1e-5
+    )
+    assert spread["warped_std"].shape == (8, 9, 10)
+    assert float(spread["warped_std"].max()) > 0.0
