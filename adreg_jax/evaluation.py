@@ -81,9 +81,22 @@ def case_metrics(
             row["dice_17"] = np.nanmean(list(groups.values()))
             row.update({f"dice_{name}": value for name, value in groups.items()})
     if "fixed_points" in batch:
-        row["tre_mm_before"] = mean_tre(batch, jnp.zeros_like(ddf))
-        row["tre_mm"] = mean_tre(batch, ddf)
+        for key, field in (("tre_mm_before", jnp.zeros_like(ddf)), ("tre_mm", ddf)):
+            row[key] = mean_tre(batch, field)
+            row[f"{key}_std"] = _landmark_std(batch, field)
     return {key: float(np.asarray(value).reshape(-1)[0]) for key, value in row.items()}
+
+
+def _landmark_std(batch, ddf) -> jnp.ndarray:
+    """Standard deviation of the TRE (mm) over the real landmarks of a one-pair batch: the
+    "(std)" of the per-case "mean (std)" that DIR-Lab tables print."""
+    errors = ops.tre(
+        batch["fixed_points"][0], batch["moving_points"][0], ddf[0], batch["spacing"][0]
+    )
+    mask = batch.get("points_mask", jnp.ones((1, errors.shape[0]), bool))[0].astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(mask), 1.0)
+    mean = jnp.sum(errors * mask) / count
+    return jnp.sqrt(jnp.sum(mask * jnp.square(errors - mean)) / count)
 
 
 def structure_dice(per_label: dict[int, float]) -> dict[str, float]:
@@ -189,6 +202,16 @@ _TABLE_COLUMNS = (
 )
 
 
+def _cell(row: dict[str, float], key: str) -> str:
+    """A per-case value; "mean (std)" where the case has a spread of its own (TRE over
+    landmarks)."""
+    if key not in row:
+        return ""
+    if f"{key}_std" in row:
+        return f"{row[key]:.2f} ({row[f'{key}_std']:.2f})"
+    return f"{row[key]:.4f}"
+
+
 def markdown_table(rows: list[dict[str, float]], summary: dict[str, dict[str, float]]) -> str:
     columns = [(title, key) for title, key in _TABLE_COLUMNS if key in summary]
     lines = [
@@ -196,7 +219,7 @@ def markdown_table(rows: list[dict[str, float]], summary: dict[str, dict[str, fl
         "|---|" + "---|" * len(columns),
     ]
     for index, row in enumerate(rows):
-        cells = [f"{row[key]:.4f}" if key in row else "" for _, key in columns]
+        cells = [_cell(row, key) for _, key in columns]
         lines.append(f"| {index} | " + " | ".join(cells) + " |")
     cells = [f"{summary[key]['mean']:.4f} ({summary[key]['std']:.4f})" for _, key in columns]
     lines.append("| mean (std) | " + " | ".join(cells) + " |")

@@ -92,3 +92,31 @@ def test_tta_spread_of_a_constant_field_is_its_mirror_spread():
     )
     assert spread["warped_std"].shape == (8, 9, 10)
     assert float(spread["warped_std"].max()) > 0.0
+
+
+def test_case_metrics_give_tre_mean_and_std_over_landmarks():
+    # Zero field: each landmark's error is its offset in mm; offsets of 1, 2 and 4 voxels along
+    # axis 0 at 2 mm spacing give errors 2, 4, 8 mm (the padded fourth point is masked out).
+    fixed_points = np.zeros((4, 3), np.float32) + 4.0
+    moving_points = fixed_points.copy()
+    moving_points[:, 0] += [1.0, 2.0, 4.0, 9.0]
+    image = np.random.default_rng(0).random((8, 8, 8, 1)).astype(np.float32)
+    pair = {
+        "fixed": image,
+        "moving": image,
+        "fixed_points": fixed_points,
+        "moving_points": moving_points,
+        "points_mask": np.array([True, True, True, False]),
+        "spacing": np.array([2.0, 1.0, 1.0], np.float32),
+    }
+
+    def apply_fn(variables, fixed, moving):
+        return {"ddf": jnp.zeros((*fixed.shape[:4], 3)), "warped": moving}
+
+    row = evaluation.case_metrics(apply_fn, None, pair, labels=())
+    errors = np.array([2.0, 4.0, 8.0])
+    assert row["tre_mm_before"] == pytest.approx(errors.mean())
+    assert row["tre_mm_before_std"] == pytest.approx(errors.std())
+    assert row["tre_mm"] == pytest.approx(errors.mean())
+    table = evaluation.markdown_table([row], evaluation.summarise([row]))
+    assert f"{errors.mean():.2f} ({errors.std():.2f})" in table
