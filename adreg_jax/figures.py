@@ -118,7 +118,7 @@ def overview_figure(
             vmin=0.0,
             vmax=2.0,
         )
-        folds = np.ma.masked_where(jac_cut > 0, np.ones_like(jac_cut))
+        folds = np.ma.masked_where(jac_cut > 0, np.zeros_like(jac_cut))  # 0: red in "autumn"
         _show(axes[row, 5], folds, spacing, plane, "", cmap="autumn", vmin=0, vmax=1)
         if row == 2:
             figure.colorbar(handle, ax=axes[row, 5], fraction=0.046, pad=0.02)
