@@ -41,7 +41,7 @@ import numpy as np
 from adreg_jax import ops
 from adreg_jax.data import build_dataset, dataset_labels
 from adreg_jax.data.labels import IXI_GROUPS, IXI_VOI
-from adreg_jax.losses import mean_tre
+from adreg_jax.losses import mean_tre, tre_errors
 from adreg_jax.training import restore_for_inference
 
 
@@ -90,10 +90,7 @@ def case_metrics(
 def _landmark_std(batch, ddf) -> jnp.ndarray:
     """Standard deviation of the TRE (mm) over the real landmarks of a one-pair batch: the
     "(std)" of the per-case "mean (std)" that DIR-Lab tables print."""
-    errors = ops.tre(
-        batch["fixed_points"][0], batch["moving_points"][0], ddf[0], batch["spacing"][0]
-    )
-    mask = batch.get("points_mask", jnp.ones((1, errors.shape[0]), bool))[0].astype(jnp.float32)
+    errors, mask = tre_errors(batch, ddf)
     count = jnp.maximum(jnp.sum(mask), 1.0)
     mean = jnp.sum(errors * mask) / count
     return jnp.sqrt(jnp.sum(mask * jnp.square(errors - mean)) / count)
@@ -350,7 +347,7 @@ def compare_runs(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             cells.append(cell)
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     note = (
-        f"\nmean (std) over {reference and len(reference)} test cases; p: two-sided paired "
+        f"\nmean (std) over {len(reference)} test cases; p: two-sided paired "
         f"Wilcoxon signed-rank test against {names[0]}.\n"
     )
     return {"table": "\n".join(lines) + "\n" + note, "metrics": table}

@@ -76,37 +76,27 @@ def overview_figure(
     jac = np.asarray(ops.jacobian_determinant(ddf))
     extra = dict(extra or {})
     low, high = np.percentile(fixed, (1, 99.5))
-    diff_max = max(float(np.percentile(np.abs(fixed - moving), 99.5)), 1e-6)
+    diff_before = np.abs(fixed - moving)
+    diff_max = max(float(np.percentile(diff_before, 99.5)), 1e-6)
     step = max(2, min(fixed.shape) // 24)
     columns = 7 + len(extra)
     figure = Figure(figsize=(2.0 * columns, 6.4), dpi=110)
     axes = figure.subplots(3, columns, squeeze=False)
+    gray = {"cmap": "gray", "vmin": low, "vmax": high}
+    hot = {"cmap": "magma", "vmin": 0.0, "vmax": diff_max}
+    panels = (
+        ("fixed", fixed, gray),
+        ("moving", moving, gray),
+        ("warped", warped, gray),
+        ("|fixed - moving|", diff_before, hot),
+        ("|fixed - warped|", np.abs(fixed - warped), hot),
+    )
     for row, (name, axis, plane) in enumerate(VIEWS):
-        gray = {"cmap": "gray", "vmin": low, "vmax": high}
-        _show(axes[row, 0], _cut(fixed, axis), spacing, plane, "fixed" if row == 0 else "", **gray)
-        _show(
-            axes[row, 1], _cut(moving, axis), spacing, plane, "moving" if row == 0 else "", **gray
-        )
-        _show(
-            axes[row, 2], _cut(warped, axis), spacing, plane, "warped" if row == 0 else "", **gray
-        )
-        hot = {"cmap": "magma", "vmin": 0.0, "vmax": diff_max}
-        _show(
-            axes[row, 3],
-            _cut(np.abs(fixed - moving), axis),
-            spacing,
-            plane,
-            "|fixed - moving|" if row == 0 else "",
-            **hot,
-        )
-        _show(
-            axes[row, 4],
-            _cut(np.abs(fixed - warped), axis),
-            spacing,
-            plane,
-            "|fixed - warped|" if row == 0 else "",
-            **hot,
-        )
+        for column, (label, volume, style) in enumerate(panels):
+            _show(
+                axes[row, column], _cut(volume, axis), spacing, plane, label if row == 0 else "",
+                **style,
+            )  # fmt: skip
         jac_cut = _cut(jac, axis)
         handle = _show(
             axes[row, 5],

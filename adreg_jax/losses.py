@@ -18,10 +18,16 @@ import jax.numpy as jnp
 from adreg_jax import ops
 
 
-def mean_tre(batch: dict[str, jnp.ndarray], ddf: jnp.ndarray) -> jnp.ndarray:
-    """Mean TRE (mm) over the batch's landmarks (``points_mask`` marks real points)."""
+def tre_errors(batch: dict[str, jnp.ndarray], ddf: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(TRE in mm of every landmark (B, N), float mask (B, N) of the real ones, ``points_mask``)."""
     errors = jax.vmap(ops.tre)(batch["fixed_points"], batch["moving_points"], ddf, batch["spacing"])
     mask = batch.get("points_mask", jnp.ones(errors.shape, jnp.float32)).astype(jnp.float32)
+    return errors, mask
+
+
+def mean_tre(batch: dict[str, jnp.ndarray], ddf: jnp.ndarray) -> jnp.ndarray:
+    """Mean TRE (mm) over the batch's real landmarks."""
+    errors, mask = tre_errors(batch, ddf)
     return jnp.sum(errors * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 

@@ -11,13 +11,14 @@ run directory) -> instance optimisation -> outputs in the fixed image's space wi
 Similarity (``--similarity``): local NCC (window 5) for scans of one modality, Parzen mutual
 information (``ops.mutual_information``) for different ones (T1 to T2, MR to CT).
 
-Affine stage (``--affine``): Adam on a 12-parameter map over grids 1/8 and 1/4 of the fixed grid,
-started from the centre-of-mass translation; the deformable stage then sees the moving image
-through it, and the written DDF is the composition (affine first).
+Affine stage (``--affine``): Adam on a 12-parameter map over two coarse grids (1/8 and 1/4 of a
+1 mm brain), started from the centre-of-mass translation; the deformable stage then sees the
+moving image through it, and the written DDF is the composition (affine first).
 
 Instance optimisation: Adam on a stationary velocity field on a control grid (``--grid-factor``
 times coarser than the images of each level), integrated by scaling and squaring, resized to the
-level's grid, coarse to fine over grids 1/4 and 1/2 of the fixed grid (``--levels``), minimising
+level's grid, coarse to fine over two levels (``--levels``; by default the finer one at about
+2 mm voxels: 1/4 and 1/2 of a 1 mm brain), minimising
 ``-similarity(warped, fixed) + smooth_weight * smoothness(velocity)``. It starts from the
 network's DDF (used as the initial velocity) or from zero, so the command registers with no
 trained model.
@@ -185,7 +186,8 @@ def optimise_affine(
         for _ in range(steps):
             params, state, loss = step(params, state, fixed_l, moving_l)
             bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        if progress:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
     bar.close()
     return params["matrix"], params["translation"]
 
@@ -475,7 +477,6 @@ def register(args: argparse.Namespace) -> dict:
         if "fixed" in segs:
             metrics.update(_dice_report(segs["fixed"], segs["moving"], warped_seg))
     if points is not None:
-        spacing = np.sqrt((fixed_affine[:3, :3] ** 2).sum(axis=0))
         fixed_points, moving_points = points
         metrics["tre_mm"] = float(jnp.mean(ops.tre(fixed_points, moving_points, ddf[0], spacing)))
         before = ops.tre(fixed_points, moving_points, jnp.zeros_like(ddf[0]), spacing)
@@ -496,7 +497,7 @@ def register(args: argparse.Namespace) -> dict:
             moving,
             np.asarray(warped[0, ..., 0]),
             ddf_vox,
-            spacing=np.sqrt((fixed_affine[:3, :3] ** 2).sum(axis=0)),
+            spacing=spacing,
             title=f"{Path(args.moving).name} -> {Path(args.fixed).name}",
         )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
