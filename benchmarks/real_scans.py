@@ -5,7 +5,8 @@
 
 Needs ``../shared/data`` (see its README; nothing here is packaged) and, for the ANTs column,
 ``pip install antspyx``. Every method runs on this machine in this process, one after another,
-on the same NIfTI files; each adreg row is an ``adreg-register`` call (``register.main``).
+on the same NIfTI files; each adreg row is an ``adreg-register`` call
+(``registration.commands.main``).
 
 Times compare like with like: for adreg, ``time_register_s``, from the images in memory to the
 final displacement field (affine stage, network, instance optimisation); for ANTs, its
@@ -49,8 +50,9 @@ import numpy as np
 from scipy import ndimage
 
 from adreg_jax import ops
-from adreg_jax import register as reg
 from adreg_jax.data.nifti import load_nifti, save_nifti
+from adreg_jax.registration import commands, loading
+from adreg_jax.registration.metrics import dice_report
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 FS_GM = (3, 42, 8, 47)  # cerebral cortex L/R, cerebellar cortex L/R
@@ -219,7 +221,7 @@ def run_adreg(
             argv += [f"--{key.replace('_', '-')}", str(pair[key])]
     first = None
     for _ in range(repeat):
-        if reg.main(argv) != 0:
+        if commands.main(argv) != 0:
             raise RuntimeError(f"adreg-register failed: {argv}")
         metrics = json.loads((out / "metrics.json").read_text())
         first = first or metrics
@@ -234,9 +236,9 @@ def run_ants(pair: dict, out: Path) -> dict:
 
     fixed, fixed_affine = load_nifti(pair["fixed"])
     moving, moving_affine = load_nifti(pair["moving"])
-    fixed = reg._normalise(fixed, str(pair["fixed"]))
-    moving = reg.resample_to_grid(
-        reg._normalise(moving, str(pair["moving"])), moving_affine, fixed.shape, fixed_affine, 1
+    fixed = loading.normalise(fixed, str(pair["fixed"]))
+    moving = loading.resample_to_grid(
+        loading.normalise(moving, str(pair["moving"])), moving_affine, fixed.shape, fixed_affine, 1
     )
     spacing = np.sqrt((fixed_affine[:3, :3] ** 2).sum(axis=0))
     to_ants = lambda a: ants.from_numpy(np.ascontiguousarray(a, np.float32), spacing=tuple(spacing))  # noqa: E731
@@ -263,7 +265,7 @@ def _metrics_from_ddf(pair, fixed, moving, fixed_affine, moving_affine, ddf, ela
     }
     if "fixed_seg" in pair:
         fixed_seg = np.rint(load_nifti(pair["fixed_seg"])[0]).astype(np.int32)
-        moving_seg = reg.resample_to_grid(
+        moving_seg = loading.resample_to_grid(
             np.rint(load_nifti(pair["moving_seg"])[0]).astype(np.int32),
             moving_affine,
             fixed.shape,
@@ -271,7 +273,7 @@ def _metrics_from_ddf(pair, fixed, moving, fixed_affine, moving_affine, ddf, ela
             order=0,
         )
         warped_seg = np.asarray(ops.warp(jnp.asarray(moving_seg)[..., None], ddf, order=0)[..., 0])
-        metrics.update(reg._dice_report(fixed_seg, moving_seg, warped_seg))
+        metrics.update(dice_report(fixed_seg, moving_seg, warped_seg))
     if "fixed_points" in pair:
         spacing = np.sqrt((fixed_affine[:3, :3] ** 2).sum(axis=0))
         fp = jnp.asarray(np.loadtxt(pair["fixed_points"]))

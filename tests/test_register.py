@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from adreg_jax import register
+from adreg_jax.registration import commands
 
 SHAPE = (24, 24, 24)
 
 
 def main(argv):
     """The command, without the persistent compilation cache (a process-wide JAX setting)."""
-    return register.main([*argv, "--cache-dir", ""])
+    return commands.main([*argv, "--cache-dir", ""])
 
 
 def write(path, array, spacing=(2.0, 2.0, 2.0)):

@@ -1,0 +1,104 @@
+"""The affine stage of adreg-register: a 12-parameter map found by Adam on coarse grids.
+
+Where this sits: loading -> **affine stage** (optional, ``--affine``) -> deformable stage, which
+sees the moving image through the affine map; the written field is the composition.
+
+The map is q = centre + half * ((I + M) p + t) with p = (x - centre) / half the normalised
+coordinate of voxel x (centre = (n - 1) / 2, half = n / 2). Normalised coordinates agree between
+grids resized with jax.image.resize (half-pixel centres), so (M, t) carries over between levels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adreg_jax import ops
+from adreg_jax.registration.deformable import level_shape, resize_image, similarity_fn
+
+
+def affine_ddf(matrix: jnp.ndarray, translation: jnp.ndarray, shape: Sequence[int]):
+    """The DDF (1, D, H, W, 3) in voxels of the affine map with parameters M (3, 3), t (3,)."""
+    size = jnp.asarray(shape, jnp.float32).reshape(1, 1, 1, 3)
+    p = (ops.identity_grid(shape) - (size - 1.0) / 2.0) / (size / 2.0)
+    return ((size / 2.0) * (p @ matrix.T + translation.reshape(1, 1, 1, 3)))[None]
+
+
+def centre_of_mass(image: np.ndarray) -> np.ndarray:
+    weights = np.clip(np.asarray(image, np.float32), 0.0, None)
+    total = max(float(weights.sum(dtype=np.float64)), 1e-12)
+    centre = []
+    for axis, n in enumerate(weights.shape):  # from the marginals: no coordinate grids
+        others = tuple(a for a in range(weights.ndim) if a != axis)
+        marginal = weights.sum(axis=others, dtype=np.float64)
+        centre.append(float(marginal @ np.arange(n)) / total)
+    return np.asarray(centre)
+
+
+def optimise_affine(
+    fixed: jnp.ndarray,
+    moving: jnp.ndarray,
+    similarity: str = "ncc",
+    steps: int = 100,
+    factors: Sequence[int] | None = None,
+    learning_rate: float = 0.01,
+    progress: bool = True,
+):
+    """Adam on (M, t) over coarse levels, starting from the centre-of-mass translation; returns
+    (M, t) for ``affine_ddf``. Images (1, D, H, W, 1) on the fixed grid.
+
+    ``factors``: the downsampling of each level; by default the two coarsest of 8, 4, 2, 1 that
+    keep at least 16 voxels along every axis ((8, 4) for a 1 mm brain; an affine map is
+    determined by coarse images, and there a step costs milliseconds).
+    """
+    from tqdm import tqdm
+
+    shape = fixed.shape[1:4]
+    if factors is None:
+        factors = [f for f in (8, 4, 2, 1) if min(shape) // f >= 16][:2] or [1]
+    half = np.asarray(shape, np.float64) / 2.0
+    shift = centre_of_mass(moving[0, ..., 0]) - centre_of_mass(fixed[0, ..., 0])
+    params = {"matrix": jnp.zeros((3, 3)), "translation": jnp.asarray(shift / half, jnp.float32)}
+    # Same modality: the global correlation. Local NCC, right for the deformable stage, is biased
+    # here: it rewards the smoothing that magnification brings (measured: a rotated, shifted
+    # textured phantom came out scaled by 0.95).
+    if similarity == "ncc":
+        sim = lambda a, b: jnp.mean(ops.ncc_global(a, b))  # noqa: E731
+    else:
+        sim = similarity_fn(similarity)
+    optimizer = optax.adam(learning_rate)
+
+    def loss_fn(p, fixed, moving):
+        ddf = affine_ddf(p["matrix"], p["translation"], fixed.shape[1:4])
+        return -sim(ops.warp(moving, ddf), fixed)
+
+    @jax.jit
+    def step(p, state, fixed, moving):
+        loss, grad = jax.value_and_grad(loss_fn)(p, fixed, moving)
+        updates, state = optimizer.update(grad, state, p)
+        return optax.apply_updates(p, updates), state, loss
+
+    bar = tqdm(total=steps * len(factors), desc="affine", disable=not progress)
+    for factor in factors:
+        grid = level_shape(shape, factor)
+        fixed_l, moving_l = resize_image(fixed, grid), resize_image(moving, grid)
+
+        state = optimizer.init(params)
+        for _ in range(steps):
+            params, state, loss = step(params, state, fixed_l, moving_l)
+            bar.update(1)
+        if progress:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+    bar.close()
+    return params["matrix"], params["translation"]
+
+
+@jax.jit
+def affine_warp(matrix, translation, moving):
+    """(the affine DDF on the moving image's grid, the moving image warped by it)"""
+    ddf = affine_ddf(matrix, translation, moving.shape[1:4])
+    return ddf, ops.warp(moving, ddf)
