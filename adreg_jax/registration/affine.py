@@ -10,6 +10,7 @@ grids resized with jax.image.resize (half-pixel centres), so (M, t) carries over
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -63,6 +64,26 @@ def optimise_affine(
     half = np.asarray(shape, np.float64) / 2.0
     shift = centre_of_mass(moving[0, ..., 0]) - centre_of_mass(fixed[0, ..., 0])
     params = {"matrix": jnp.zeros((3, 3)), "translation": jnp.asarray(shift / half, jnp.float32)}
+    optimizer, step = _affine_step(similarity, float(learning_rate))
+    bar = tqdm(total=steps * len(factors), desc="affine", disable=not progress)
+    for factor in factors:
+        grid = level_shape(shape, factor)
+        fixed_l, moving_l = resize_image(fixed, grid), resize_image(moving, grid)
+
+        state = optimizer.init(params)
+        for _ in range(steps):
+            params, state, loss = step(params, state, fixed_l, moving_l)
+            bar.update(1)
+        if progress:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+    bar.close()
+    return params["matrix"], params["translation"]
+
+
+@functools.cache
+def _affine_step(similarity: str, learning_rate: float):
+    """(the optimizer, one jitted Adam step on the affine parameters), cached like the
+    deformable stage's steps so that a cohort compiles it once."""
     # Same modality: the global correlation. Local NCC, right for the deformable stage, is biased
     # here: it rewards the smoothing that magnification brings (measured: a rotated, shifted
     # textured phantom came out scaled by 0.95).
@@ -82,19 +103,7 @@ def optimise_affine(
         updates, state = optimizer.update(grad, state, p)
         return optax.apply_updates(p, updates), state, loss
 
-    bar = tqdm(total=steps * len(factors), desc="affine", disable=not progress)
-    for factor in factors:
-        grid = level_shape(shape, factor)
-        fixed_l, moving_l = resize_image(fixed, grid), resize_image(moving, grid)
-
-        state = optimizer.init(params)
-        for _ in range(steps):
-            params, state, loss = step(params, state, fixed_l, moving_l)
-            bar.update(1)
-        if progress:
-            bar.set_postfix(loss=f"{float(loss):.4f}")
-    bar.close()
-    return params["matrix"], params["translation"]
+    return optimizer, step
 
 
 @jax.jit

@@ -46,9 +46,15 @@ def resize_image(image: jnp.ndarray, shape: Sequence[int]) -> jnp.ndarray:
     return jax.image.resize(image, (image.shape[0], *shape, image.shape[-1]), "linear")
 
 
-def _level_step(fixed, moving, similarity, smooth_weight, integration_steps, optimizer):
-    """One jitted Adam step on a (coarser) velocity against the images of one level."""
+@functools.cache
+def _level_step(
+    similarity: str, smooth_weight: float, integration_steps: int, learning_rate: float
+):
+    """(the optimizer, one jitted Adam step on a (coarser) velocity against the images of one
+    level). Cached: every pair of a cohort, and every level of the same shapes, reuses the
+    compiled program (a new jitted function would be traced and compiled again)."""
     sim = similarity_fn(similarity)
+    optimizer = optax.adam(learning_rate)
 
     def loss_fn(velocity, fixed, moving):
         ddf = ops.integrate_velocity(velocity, integration_steps)
@@ -63,10 +69,17 @@ def _level_step(fixed, moving, similarity, smooth_weight, integration_steps, opt
         updates, opt_state = optimizer.update(grad, opt_state, velocity)
         return optax.apply_updates(velocity, updates), opt_state, loss
 
-    return functools.partial(step, fixed=fixed, moving=moving)
+    return optimizer, step
 
 
-def instance_optimise(
+def instance_optimise(fixed: jnp.ndarray, moving: jnp.ndarray, steps, **options) -> jnp.ndarray:
+    """The DDF (1, D, H, W, 3) on the fixed grid of ``optimise_velocity`` (same arguments)."""
+    integration_steps = options.get("integration_steps", 4)
+    velocity = optimise_velocity(fixed, moving, steps, **options)
+    return velocity_to_ddf(velocity, integration_steps, tuple(fixed.shape[1:4]))
+
+
+def optimise_velocity(
     fixed: jnp.ndarray,
     moving: jnp.ndarray,
     steps: int | Sequence[int],
@@ -79,7 +92,8 @@ def instance_optimise(
     integration_steps: int = 4,
     progress: bool = True,
 ) -> jnp.ndarray:
-    """Optimise a velocity for one pair (images (1, D, H, W, 1)); returns the DDF (1, D, H, W, 3).
+    """Optimise a velocity for one pair (images (1, D, H, W, 1)); returns it, (1, g, g, g, 3) in
+    voxels of its control grid (``velocity_to_ddf`` gives the DDF on the fixed grid).
 
     ``steps`` Adam steps at each level (one number for all, or one per level), coarse to fine
     over image grids ``1/factor`` of the fixed grid. At each level the stationary velocity lives
@@ -89,8 +103,9 @@ def instance_optimise(
     and keeps the cost down: the gradient through each squaring step is a scatter-add over the
     velocity grid, the dominant cost per step.
 
-    The velocity is carried between levels with ``resize_ddf``; the returned DDF is the last
-    level's integrated field resized to the fixed grid, the same map the optimisation saw.
+    The velocity is carried between levels with ``resize_ddf``; its DDF on the fixed grid
+    (``velocity_to_ddf``) is the last level's integrated field resized, the map the optimisation
+    saw.
     ``factors=(4, 2)`` stops the images at half resolution (at 1 mm brain scans the cost/accuracy
     balance; a full-resolution level costs 8 times the half-resolution one); add 1 to refine.
     ``initial`` (a DDF on the fixed grid, e.g. the network's) starts the velocity.
@@ -111,18 +126,17 @@ def instance_optimise(
             velocity = jnp.zeros((1, *grid_shape, 3), jnp.float32)
         else:
             velocity = ops.resize_ddf(velocity, grid_shape)
-        optimizer = optax.adam(learning_rate)
-        opt_state = optimizer.init(velocity)
-        step = _level_step(
-            fixed_l, moving_l, similarity, smooth_weight, integration_steps, optimizer
+        optimizer, step = _level_step(
+            similarity, float(smooth_weight), int(integration_steps), float(learning_rate)
         )
+        opt_state = optimizer.init(velocity)
         for _ in range(level_steps):
-            velocity, opt_state, loss = step(velocity, opt_state)
+            velocity, opt_state, loss = step(velocity, opt_state, fixed_l, moving_l)
             bar.update(1)
         if progress:
             bar.set_postfix(loss=f"{float(loss):.4f}")
     bar.close()
-    return velocity_to_ddf(velocity, integration_steps, tuple(shape))
+    return velocity
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -142,6 +156,15 @@ def default_levels(spacing: Sequence[float], finest_mm: float = 2.0) -> tuple[in
 resize_ddf = jax.jit(ops.resize_ddf, static_argnums=1)
 
 
+@functools.lru_cache(maxsize=4)
+def _restored(checkpoint: str):
+    """(config, jitted model.apply, variables) of a run directory, restored once per process."""
+    from adreg_jax.training import restore_for_inference
+
+    config, model, variables = restore_for_inference(checkpoint)
+    return config, jax.jit(model.apply), variables
+
+
 def network_ddf(checkpoint: str, fixed: jnp.ndarray, moving: jnp.ndarray) -> jnp.ndarray:
     """The trained network's DDF (1, D, H, W, 3) on the fixed grid.
 
@@ -149,14 +172,10 @@ def network_ddf(checkpoint: str, fixed: jnp.ndarray, moving: jnp.ndarray) -> jnp
     training images (``config.data.image_size``), each side a multiple of the U-Net's downsampling
     factor; its field is resized (and rescaled) back to the fixed grid.
     """
-    from adreg_jax.training import restore_for_inference
-
-    config, model, variables = restore_for_inference(checkpoint)
+    config, apply, variables = _restored(checkpoint)
     shape = np.asarray(fixed.shape[1:4], np.float64)
     multiple = 2 ** (len(config.model.channels) - 1)
     scale = (np.prod(config.data.image_size) / np.prod(shape)) ** (1.0 / 3.0)
     net_shape = tuple(int(max(multiple, round(n * scale / multiple) * multiple)) for n in shape)
-    ddf = jax.jit(model.apply)(
-        variables, resize_image(fixed, net_shape), resize_image(moving, net_shape)
-    )
+    ddf = apply(variables, resize_image(fixed, net_shape), resize_image(moving, net_shape))
     return resize_ddf(ddf["ddf"], tuple(fixed.shape[1:4]))

@@ -58,15 +58,16 @@ def moving_points_on_fixed_grid(points, moving_affine, fixed_affine) -> np.ndarr
     return points @ voxel_map[:3, :3].T + voxel_map[:3, 3]
 
 
-def load_segmentations(args, fixed_info, moving_info, shape, fixed_affine) -> dict:
-    """{"fixed": labels on the fixed grid, "moving": labels resampled onto it (nearest)} for the
-    segmentations given (``args.fixed_seg``, ``args.moving_seg``); each must lie on its image's
-    grid (``*_info``: (shape, affine) of the image)."""
+def load_segmentations(
+    paths: dict, fixed_info, moving_info, shape, fixed_affine
+) -> dict[str, np.ndarray]:
+    """Label maps (int32) of the segmentations named in ``paths`` ("fixed_seg", "moving_seg"):
+    "fixed" on the fixed grid, "moving" resampled onto it (nearest), "moving_native" the moving
+    one on its own grid. Each must lie on its image's grid (``*_info``: (shape, affine) of the
+    image)."""
     segs = {}
-    for name, path, (image_shape, affine) in (
-        ("fixed", args.fixed_seg, fixed_info),
-        ("moving", args.moving_seg, moving_info),
-    ):
+    for name, (image_shape, affine) in (("fixed", fixed_info), ("moving", moving_info)):
+        path = paths.get(f"{name}_seg")
         if path is None:
             continue
         seg, seg_affine = load_volume(path, f"--{name}-seg")
@@ -77,6 +78,7 @@ def load_segmentations(args, fixed_info, moving_info, shape, fixed_affine) -> di
             )
         seg = np.rint(seg).astype(np.int32)
         if name == "moving":
+            segs["moving_native"] = seg
             seg = resample_to_grid(seg, affine, shape, fixed_affine, order=0)
         segs[name] = seg
     return segs

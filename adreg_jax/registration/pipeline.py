@@ -1,0 +1,250 @@
+"""One registration from files to outputs: the stages of adreg-register run in order for one pair
+(the single-pair command and every pair of a cohort call ``register_pair``).
+
+Where this sits: ``loading`` -> ``affine`` (optional) -> network (optional) -> ``deformable`` ->
+**pipeline** builds the ``Transform`` (composed fields in world mm, the inverse with
+``--inverse``) -> ``transform_io`` files, warped images, ``metrics`` -> ``--out``.
+
+Outputs in the pair's folder: ``warped.nii.gz`` (the moving scan in its own intensities on the
+fixed grid, one interpolation from its own grid), the transform (``transform.json``,
+``ddf.nii.gz``, ``ddf_itk.nii.gz``, with ``--inverse`` also ``ddf_inverse*.nii.gz``),
+``jacobian.nii.gz`` (det J of the voxel map), ``warped_seg.nii.gz`` with a moving segmentation,
+``overview.png``, and ``metrics.json``, written last (a cohort counts a pair with it as done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adreg_jax import ops
+from adreg_jax.data.nifti import read_points, save_nifti
+from adreg_jax.registration.affine import affine_warp, optimise_affine
+from adreg_jax.registration.deformable import (
+    default_levels,
+    network_ddf,
+    optimise_velocity,
+    similarity_fn,
+    velocity_to_ddf,
+)
+from adreg_jax.registration.loading import (
+    load_segmentations,
+    load_volume,
+    moving_points_on_fixed_grid,
+    normalise,
+    resample_to_grid,
+    spacing_of,
+)
+from adreg_jax.registration.metrics import dice_report, field_and_image_metrics
+from adreg_jax.registration.transform import (
+    Grid,
+    Transform,
+    affine_voxel_matrix,
+    inverse_consistency,
+    inverse_transform_field,
+)
+from adreg_jax.registration.transform_io import ddf_voxels_to_world_mm, save_transform
+
+_compose = jax.jit(ops.compose)
+
+# (raw array, affine, normalised array) of a scan; a cohort passes a caching loader so that an
+# atlas shared by many pairs is read once.
+Loaded = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def load_scan(path: str, name: str) -> Loaded:
+    """(array in its own intensities, affine, array normalised to [0, 1]) of a 3-D scan."""
+    raw, affine = load_volume(path, name)
+    return raw, affine, normalise(raw, path)
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Reject option combinations that cannot work, before any scan is read."""
+    similarity_fn(args.similarity)
+    if min(args.instance_steps) <= 0 and not args.checkpoint and not args.affine:
+        raise ValueError("nothing to do: give --checkpoint, --affine and/or --instance-steps > 0")
+    if args.levels and len(args.instance_steps) not in (1, len(args.levels)):
+        raise ValueError(
+            f"--instance-steps {args.instance_steps}: give one number, or one per level of "
+            f"--levels {tuple(args.levels)}"
+        )
+    if args.inverse and max(args.instance_steps) > 0 and args.integration_steps <= 0:
+        raise ValueError(
+            "--inverse needs a diffeomorphic field: --integration-steps > 0 (with 0 the "
+            "displacement itself is optimised and has no exact inverse)"
+        )
+    if args.inverse and args.checkpoint and max(args.instance_steps) <= 0:
+        raise ValueError(
+            "--inverse needs a stationary velocity: the network's field alone has no exact "
+            "inverse; add instance optimisation (--instance-steps > 0)"
+        )
+
+
+def _write_json(path: Path, record: dict) -> None:
+    """Written under a temporary name and renamed: a killed run leaves no half-written file."""
+    temporary = path.with_suffix(".json.partial")
+    temporary.write_text(json.dumps(record, indent=2))
+    os.replace(temporary, path)
+
+
+def register_pair(
+    pair: dict[str, str],
+    args: argparse.Namespace,
+    out: Path,
+    load: Callable[[str, str], Loaded] = load_scan,
+    extra: dict | None = None,
+) -> dict:
+    """Register ``pair`` (keys "fixed", "moving", optional "fixed_seg", "moving_seg",
+    "fixed_points", "moving_points": file paths) with the options of ``args`` (adreg-register's
+    flags); write the outputs into ``out``; return the metrics (with ``extra`` added)."""
+    started = time.perf_counter()
+    check_options(args)
+    fixed_raw, fixed_affine, fixed = load(pair["fixed"], "--fixed")
+    moving_raw, moving_affine, moving_norm = load(pair["moving"], "--moving")
+    shape = fixed_raw.shape
+    moving = resample_to_grid(moving_norm, moving_affine, shape, fixed_affine, order=1)
+    fixed_info, moving_info = (fixed_raw.shape, fixed_affine), (moving_raw.shape, moving_affine)
+    segs = load_segmentations(pair, fixed_info, moving_info, shape, fixed_affine)
+    points = None
+    if bool(pair.get("fixed_points")) != bool(pair.get("moving_points")):
+        raise ValueError("give both --fixed-points and --moving-points, or neither")
+    if pair.get("fixed_points"):
+        fixed_points = read_points(pair["fixed_points"])
+        moving_points = moving_points_on_fixed_grid(
+            read_points(pair["moving_points"]), moving_affine, fixed_affine
+        )
+        if fixed_points.shape != moving_points.shape:
+            raise ValueError(
+                f"--fixed-points {pair['fixed_points']} has {len(fixed_points)} points but "
+                f"--moving-points {pair['moving_points']} has {len(moving_points)}; expected pairs"
+            )
+        points = (jnp.asarray(fixed_points), jnp.asarray(moving_points))
+    spacing = spacing_of(fixed_affine)
+    levels = tuple(args.levels) if args.levels else default_levels(spacing)
+    if len(args.instance_steps) not in (1, len(levels)):
+        raise ValueError(
+            f"--instance-steps {args.instance_steps}: give one number, or one per level of "
+            f"--levels {levels}"
+        )
+
+    fixed_j = jnp.asarray(fixed)[None, ..., None]
+    moving_j = jnp.asarray(moving)[None, ..., None]
+    loaded = time.perf_counter()
+    progress = not args.quiet
+    affine, affine_voxel, velocity = None, None, None
+    source = moving_j  # the moving image the deformable stage sees
+    if args.affine:
+        matrix, translation = optimise_affine(
+            fixed_j, moving_j, args.similarity, args.affine_steps, progress=progress
+        )
+        affine, source = jax.block_until_ready(affine_warp(matrix, translation, moving_j))
+        affine_voxel = affine_voxel_matrix(np.asarray(matrix), np.asarray(translation), shape)
+    stages = {"affine": time.perf_counter() - loaded}
+    initial = network_ddf(args.checkpoint, fixed_j, source) if args.checkpoint else None
+    initial = jax.block_until_ready(initial)
+    stages["network"] = time.perf_counter() - loaded - stages["affine"]
+    if max(args.instance_steps) > 0:
+        steps = args.instance_steps * (len(levels) // len(args.instance_steps))
+        velocity = optimise_velocity(
+            fixed_j,
+            source,
+            steps,
+            initial=initial,
+            factors=levels,
+            similarity=args.similarity,
+            learning_rate=args.learning_rate,
+            smooth_weight=args.smooth_weight,
+            grid_factor=args.grid_factor,
+            integration_steps=args.integration_steps,
+            progress=progress,
+        )
+        ddf = velocity_to_ddf(velocity, args.integration_steps, tuple(shape))
+    elif initial is not None:
+        ddf = initial
+    else:
+        ddf = jnp.zeros((1, *shape, 3), jnp.float32)
+    if affine is not None:
+        ddf = _compose(affine, ddf)  # affine first, then the deformable field
+    ddf = jax.block_until_ready(ddf)
+    registered = time.perf_counter()
+    stages["deformable"] = registered - loaded - stages["affine"] - stages["network"]
+
+    ddf_vox = np.asarray(ddf[0])
+    fixed_grid, moving_grid = Grid(shape, fixed_affine), Grid(moving_raw.shape, moving_affine)
+    transform = Transform(
+        fixed_grid,
+        moving_grid,
+        ddf_voxels_to_world_mm(ddf_vox, fixed_affine),
+        affine_world=(
+            None
+            if affine_voxel is None
+            else fixed_affine @ affine_voxel @ np.linalg.inv(fixed_affine)
+        ),
+    )
+    metrics = {"similarity": args.similarity, **(extra or {})}
+    if args.inverse:
+        inverse = inverse_transform_field(transform, velocity, args.integration_steps, affine_voxel)
+        transform = Transform(
+            transform.fixed, transform.moving, transform.ddf_mm, inverse, transform.affine_world
+        )
+        metrics.update(inverse_consistency(transform))
+        stages["inverse"] = time.perf_counter() - registered
+
+    warped_norm, jacobian, image_metrics = field_and_image_metrics(
+        ddf, moving_j, fixed_j, args.similarity
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_transform(out, transform, {"fixed": str(pair["fixed"]), "moving": str(pair["moving"])})
+    warped = transform.warp(moving_raw, moving_affine, order=1, name=pair["moving"])
+    save_nifti(out / "warped.nii.gz", warped, fixed_affine)
+    save_nifti(out / "jacobian.nii.gz", np.asarray(jacobian), fixed_affine)
+    metrics.update({key: float(value) for key, value in image_metrics.items()})
+    if affine is not None:
+        metrics["affine_matrix"] = np.asarray(matrix + np.eye(3)).round(5).tolist()
+        metrics["affine_translation_vox"] = (
+            np.asarray(translation * np.asarray(shape) / 2.0).round(3).tolist()
+        )
+        metrics["affine_world"] = np.asarray(transform.affine_world).round(6).tolist()
+    if "moving" in segs:
+        # From the moving segmentation's own grid through the transform, as adreg-apply --labels.
+        warped_seg = transform.warp(
+            segs["moving_native"], moving_affine, order=0, name=pair["moving_seg"]
+        )
+        save_nifti(out / "warped_seg.nii.gz", warped_seg, fixed_affine)
+        if "fixed" in segs:
+            metrics.update(dice_report(segs["fixed"], segs["moving"], warped_seg))
+    if points is not None:
+        fixed_points, moving_points = points
+        metrics["tre_mm"] = float(jnp.mean(ops.tre(fixed_points, moving_points, ddf[0], spacing)))
+        before = ops.tre(fixed_points, moving_points, jnp.zeros_like(ddf[0]), spacing)
+        metrics["tre_mm_before"] = float(jnp.mean(before))
+    # time_s: the whole command but the PNG; time_register_s: arrays in memory to the final field
+    # (affine, network, instance optimisation, JIT compilation included): what a registration
+    # library's own call costs, the figure to set beside ANTs' ants.registration time.
+    metrics["time_s"] = time.perf_counter() - started
+    metrics["time_load_s"] = loaded - started
+    metrics["time_register_s"] = registered - loaded
+    metrics.update({f"time_{name}_s": value for name, value in stages.items()})
+    if not args.no_png:
+        from adreg_jax.figures import overview_figure
+
+        overview_figure(
+            out / "overview.png",
+            fixed,
+            moving,
+            np.asarray(warped_norm[0, ..., 0]),
+            ddf_vox,
+            spacing=spacing,
+            title=f"{Path(pair['moving']).name} -> {Path(pair['fixed']).name}",
+        )
+    _write_json(out / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,271 @@
+"""A registration's result as a map between two world spaces, re-appliable to images and points.
+
+Where this sits: affine and deformable stages -> **transform** (one displacement field in world
+millimetres, its inverse when asked for) -> ``transform_io`` (files) and ``adreg-apply``.
+
+Conventions (DESIGN.md, "Registration from files"): a ``Transform`` holds ``ddf_mm`` on the grid
+of the fixed image (``fixed``: shape and 4x4 voxel-to-world RAS+ affine); world point x of the
+fixed image corresponds to ``x + ddf_mm(x)`` in the moving image's world space, whose scans lie on
+the grid ``moving``. Warping pulls: ``warped(x) = moving(x + ddf_mm(x))``, one interpolation from
+the moving image's own grid, in its own intensities. The inverse field, when present, lives on the
+moving grid: moving world point y corresponds to ``y + inverse_ddf_mm(y)`` in the fixed space;
+``inverted()`` swaps the two roles, so that one code path applies both directions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adreg_jax import ops
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """A voxel grid in world space: ``shape`` (D, H, W) and the 4x4 voxel-to-world RAS+ mm
+    ``affine`` (canonical axes, as ``data.nifti.load_nifti`` returns them)."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    def fits(self, shape: Sequence[int], affine: np.ndarray, atol: float = 1e-3) -> bool:
+        """Same shape and, to ``atol`` mm, the same affine."""
+        return tuple(shape) == tuple(self.shape) and np.allclose(affine, self.affine, atol=atol)
+
+    def describe(self) -> str:
+        spacing = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        origin = self.affine[:3, 3]
+        return (
+            f"shape {tuple(self.shape)}, spacing {np.round(spacing, 3).tolist()} mm, "
+            f"origin {np.round(origin, 2).tolist()} mm"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """The map of one registration (see the module docstring for the conventions).
+
+    ddf_mm: (*fixed.shape, 3) float32, world RAS+ mm, on the fixed grid.
+    inverse_ddf_mm: (*moving.shape, 3) float32 on the moving grid, or None.
+    affine_world: the affine stage alone, a 4x4 map of fixed world points to moving world points
+      (informative: ``ddf_mm`` already contains it), or None.
+    """
+
+    fixed: Grid
+    moving: Grid
+    ddf_mm: np.ndarray
+    inverse_ddf_mm: np.ndarray | None = None
+    affine_world: np.ndarray | None = None
+    is_inverse: bool = False
+
+    def inverted(self) -> Transform:
+        """The inverse map (moving space -> fixed space); needs ``inverse_ddf_mm``."""
+        if self.inverse_ddf_mm is None:
+            raise ValueError(
+                "this transform has no inverse: register with adreg-register --inverse"
+            )
+        affine = None if self.affine_world is None else np.linalg.inv(self.affine_world)
+        return Transform(
+            self.moving, self.fixed, self.inverse_ddf_mm, self.ddf_mm, affine, not self.is_inverse
+        )
+
+    def check_fits(self, shape: Sequence[int], affine: np.ndarray, name: str) -> None:
+        """A one-line ValueError naming ``name`` when an image is not on the moving grid."""
+        if not self.moving.fits(shape, affine):
+            actual = Grid(tuple(int(n) for n in shape), np.asarray(affine))
+            raise ValueError(
+                f"{name}: grid ({actual.describe()}) does not fit the transform, which applies "
+                f"to images on the registered moving image's grid ({self.moving.describe()})"
+            )
+
+    def warp(
+        self,
+        image: np.ndarray,
+        image_affine: np.ndarray,
+        order: int = 1,
+        reference: Grid | None = None,
+        name: str = "image",
+    ) -> np.ndarray:
+        """``image`` (D, H, W) on the moving grid, pulled onto the fixed grid (or ``reference``):
+        out(r) = image(A_m^-1 (x + ddf_mm(x))), x = A_r r, in one interpolation (``order`` 1:
+        linear, float32 out; 0: nearest, for label maps, int32 out); zero outside the image.
+        On a reference grid other than the fixed one, the field is read linearly at x (zero,
+        the identity, outside its grid, as ITK does)."""
+        self.check_fits(image.shape, image_affine, name)
+        target = self.fixed if reference is None else reference
+        own_grid = target.fits(self.fixed.shape, self.fixed.affine, atol=0.0)
+        moving_inv = np.linalg.inv(self.moving.affine)
+        voxel_map = moving_inv @ target.affine  # target voxel -> moving voxel, without the field
+        field_map = np.linalg.inv(self.fixed.affine) @ target.affine  # target -> field voxel
+        values = np.rint(image).astype(np.int32) if order == 0 else np.asarray(image, np.float32)
+        warped = _pull(
+            jnp.asarray(values),
+            jnp.asarray(self.ddf_mm),
+            jnp.asarray(voxel_map, jnp.float32),
+            jnp.asarray(moving_inv[:3, :3], jnp.float32),
+            jnp.asarray(field_map, jnp.float32),
+            tuple(int(n) for n in target.shape),
+            order,
+            own_grid,
+        )
+        return np.asarray(warped)
+
+    def map_points(
+        self, points: np.ndarray, iterations: int = 50, tolerance: float = 1e-5
+    ) -> np.ndarray:
+        """Points (N, 3), 0-based voxel coordinates of the fixed grid -> voxel coordinates of the
+        moving grid: p -> A_m^-1 (A_f p + ddf_mm(p)), the field read linearly at p (edge values
+        beyond the grid, as ``ops.tre`` reads it).
+
+        On an inverted transform the result is the exact inverse of the forward field, so that
+        points mapped there and back return: q0 = psi(y) from the inverse field, then the
+        fixed-point iteration q <- q + psi(y) - psi(phi(q)) (phi the forward map; it converges
+        because psi is close to phi^-1) until the step is below ``tolerance`` voxels."""
+        mapped = self._read_field(np.asarray(points, np.float64).reshape(-1, 3))
+        if not self.is_inverse:
+            return mapped
+        forward, target = self.inverted(), mapped
+        for _ in range(iterations):
+            step = target - self._read_field(forward.map_points(mapped))
+            mapped = mapped + step
+            if np.abs(step).max(initial=0.0) < tolerance:
+                break
+        return mapped
+
+    def _read_field(self, points: np.ndarray) -> np.ndarray:
+        displacement = np.asarray(
+            ops.sample_ddf_at_points(jnp.asarray(self.ddf_mm), jnp.asarray(points, jnp.float32)),
+            np.float64,
+        )
+        world = points @ self.fixed.affine[:3, :3].T + self.fixed.affine[:3, 3] + displacement
+        moving_inv = np.linalg.inv(self.moving.affine)
+        return world @ moving_inv[:3, :3].T + moving_inv[:3, 3]
+
+
+def _apply_affine(points: jnp.ndarray, matrix: jnp.ndarray) -> jnp.ndarray:
+    """Points (..., 3) through a 4x4 matrix (its 3x3 part and translation)."""
+    offset = matrix[:3, 3].reshape((1,) * (points.ndim - 1) + (3,))
+    return points @ matrix[:3, :3].T + offset
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _pull(image, ddf_mm, voxel_map, world_to_moving, field_map, shape, order, own_grid):
+    """The warped image on a grid of ``shape``: see ``Transform.warp``."""
+    grid = ops.identity_grid(shape)
+    if own_grid:
+        displacement = ddf_mm
+    else:
+        field_coords = _apply_affine(grid, field_map)
+        displacement = ops.sample(
+            ddf_mm[None], field_coords.reshape(1, -1, 3), order=1, mode="constant"
+        ).reshape(*shape, 3)
+    coords = _apply_affine(grid, voxel_map) + displacement @ world_to_moving.T
+    warped = ops.sample(image[None, ..., None], coords.reshape(1, -1, 3), order, "constant")
+    return warped.reshape(shape)
+
+
+def affine_voxel_matrix(matrix: np.ndarray, translation: np.ndarray, shape: Sequence[int]):
+    """The 4x4 voxel map q -> alpha(q) = q + affine_ddf(M, t)(q) of the affine stage's
+    parameters (``affine.affine_ddf``): alpha(q) = c + H (I + M) H^-1 (q - c) + H t with
+    c = (n - 1) / 2 and H = diag(n / 2)."""
+    size = np.asarray(shape, np.float64)
+    centre, half = (size - 1.0) / 2.0, size / 2.0
+    linear = (half[:, None] * (np.eye(3) + np.asarray(matrix, np.float64))) / half[None, :]
+    voxel = np.eye(4)
+    voxel[:3, :3] = linear
+    voxel[:3, 3] = centre - linear @ centre + half * np.asarray(translation, np.float64)
+    return voxel
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 5))
+def inverse_field_mm(
+    velocity: jnp.ndarray | None,
+    integration_steps: int,
+    fixed_shape: tuple[int, ...],
+    moving_to_fixed: jnp.ndarray,
+    affine_inverse: jnp.ndarray,
+    moving_shape: tuple[int, ...],
+    fixed_linear: jnp.ndarray,
+) -> jnp.ndarray:
+    """The inverse map's field (*moving_shape, 3), world mm, on the moving grid.
+
+    The forward map in fixed voxels is alpha(delta(p)): delta = exp(v) the deformable part
+    (``velocity`` on its control grid, integrated and resized to the fixed grid), alpha the affine
+    stage. Its inverse is delta^-1(alpha^-1(s)) with delta^-1 = exp(-v): the negative velocity
+    integrated the same way, so the two fields come from the same numbers. For each moving voxel
+    u: s = ``moving_to_fixed`` u (fixed voxel coordinates of its world point), s' =
+    ``affine_inverse`` s, z = s' + exp(-v)(s') (edge values beyond the fixed grid); the
+    displacement is ``fixed_linear`` (z - s) in world mm. ``velocity`` None: no deformable part.
+    """
+    grid = ops.identity_grid(moving_shape)
+    s = _apply_affine(grid, moving_to_fixed)
+    s_affine = _apply_affine(s, affine_inverse)
+    z = s_affine
+    if velocity is not None:
+        inverse_ddf = ops.resize_ddf(
+            ops.integrate_velocity(-velocity, integration_steps), fixed_shape
+        )
+        z = z + ops.sample(inverse_ddf, s_affine.reshape(1, -1, 3), order=1, mode="border").reshape(
+            *moving_shape, 3
+        )
+    return (z - s) @ fixed_linear.T
+
+
+def inverse_transform_field(
+    transform: Transform,
+    velocity: jnp.ndarray | None,
+    integration_steps: int,
+    affine_voxel: np.ndarray | None,
+) -> np.ndarray:
+    """``inverse_field_mm`` for a transform found with the velocity (1, g, g, g, 3) on its control
+    grid and the affine stage's 4x4 voxel map (``affine_voxel_matrix``; None: no affine)."""
+    fixed, moving = transform.fixed, transform.moving
+    moving_to_fixed = np.linalg.inv(fixed.affine) @ moving.affine
+    affine_inverse = np.eye(4) if affine_voxel is None else np.linalg.inv(affine_voxel)
+    field = inverse_field_mm(
+        velocity,
+        integration_steps,
+        tuple(fixed.shape),
+        jnp.asarray(moving_to_fixed, jnp.float32),
+        jnp.asarray(affine_inverse, jnp.float32),
+        tuple(moving.shape),
+        jnp.asarray(fixed.affine[:3, :3], jnp.float32),
+    )
+    return np.asarray(field, np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _round_trip_error(ddf_mm, inverse_ddf_mm, fixed_to_moving, moving_shape, world_to_moving):
+    grid = ops.identity_grid(ddf_mm.shape[:3])
+    u = _apply_affine(grid, fixed_to_moving) + ddf_mm @ world_to_moving.T
+    upper = jnp.asarray(moving_shape, jnp.float32).reshape(1, 1, 1, 3) - 1.0
+    inside = jnp.all((u >= 0) & (u <= upper), axis=-1)
+    back = ops.sample(inverse_ddf_mm[None], u.reshape(1, -1, 3), order=1, mode="border")
+    error = jnp.linalg.norm(ddf_mm + back.reshape(ddf_mm.shape), axis=-1)
+    return error, inside
+
+
+def inverse_consistency(transform: Transform) -> dict[str, float]:
+    """|phi^-1(phi(x)) - x| in mm over the fixed voxels x whose image phi(x) lies inside the
+    moving grid (where the inverse field is defined): mean, max and the share of voxels counted.
+    phi(x) = x + ddf_mm(x); phi^-1 reads the inverse field linearly at phi(x)."""
+    moving_inv = np.linalg.inv(transform.moving.affine)
+    error, inside = _round_trip_error(
+        jnp.asarray(transform.ddf_mm),
+        jnp.asarray(transform.inverse_ddf_mm),
+        jnp.asarray(moving_inv @ transform.fixed.affine, jnp.float32),
+        tuple(transform.moving.shape),
+        jnp.asarray(moving_inv[:3, :3], jnp.float32),
+    )
+    error, inside = np.asarray(error), np.asarray(inside)
+    counted = error[inside] if inside.any() else np.zeros(1)
+    return {
+        "inverse_consistency_mean_mm": float(counted.mean()),
+        "inverse_consistency_max_mm": float(counted.max()),
+        "inverse_consistency_voxels_percent": float(100.0 * inside.mean()),
+    }
