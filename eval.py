@@ -3,10 +3,15 @@
     python eval.py --config configs/demo.py --workdir runs/demo
     python eval.py --config configs/demo.py --workdir runs/demo --compare runs/demo_unet
     python eval.py --config configs/demo.py --workdir runs/demo --figures 2
+    python eval.py --config configs/dirlab.py --workdir runs/dirlab \
+        --dirlab_runs runs/dirlab_case1,runs/dirlab_case2,...,runs/dirlab_case10
 
 Writes WORKDIR/eval/metrics.json, per_case.csv, table.md (structures.md for IXI), figures/*.png
 and, with --compare, compare.md and compare.json (each compared run's own evaluation goes to
-WORKDIR/eval/compare/<run name>/); prints the tables.
+WORKDIR/eval/compare/<run name>/); prints the tables. With --dirlab_runs it evaluates nothing: it
+reads the eval/metrics.json that each leave-one-case-out DIR-Lab run already wrote and writes the
+Table-I-like WORKDIR/dirlab_table.md (per-case TRE mean (std) before/after in the original mm,
+landmarks used, the mean over the cases).
 """
 
 import json
@@ -23,7 +28,26 @@ _FIGURES = flags.DEFINE_integer("figures", -1, "Cases that get figures: -1 all, 
 _COMPARE = flags.DEFINE_list(
     "compare", [], "Other run directories (ablations, baselines) evaluated on the same test cases."
 )
+_DIRLAB_RUNS = flags.DEFINE_list(
+    "dirlab_runs", [], "Evaluated DIR-Lab runs (one held-out case each) to gather into one table."
+)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _dirlab_table(workdir: Path, runs: list[str]) -> None:
+    from adreg_jax.evaluation import dirlab_table
+
+    results = []
+    for run in map(Path, runs):
+        path = run / "eval" / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} missing; expected eval.py to have evaluated {run}")
+        results.append(json.loads(path.read_text()))
+    table = dirlab_table(results)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "dirlab_table.md").write_text(table)
+    print(table)
+    print(f"wrote {workdir}/dirlab_table.md")
 
 
 def main(argv):
@@ -34,6 +58,9 @@ def main(argv):
 
     workdir = Path(_WORKDIR.value)
     try:
+        if _DIRLAB_RUNS.value:
+            _dirlab_table(workdir, _DIRLAB_RUNS.value)
+            return
         result = evaluate_run(_CONFIG.value, workdir, which=_WHICH.value, figures=_FIGURES.value)
         print(markdown_table(result["per_case"], result["summary"]))
         print(f"wrote {workdir}/eval/metrics.json, per_case.csv, table.md, figures/")

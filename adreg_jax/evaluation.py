@@ -9,9 +9,14 @@ in mm; Jacobian determinant with numpy.gradient derivatives).
 Writes into ``WORKDIR/eval/``: ``metrics.json`` (means, stds and per-case values),
 ``per_case.csv``, ``table.md`` (one row per case, "before" columns beside the registered ones, a
 mean (std) row; for IXI also the Dice of TransMorph's 17 left/right-merged structures,
-``structures.md``) and per-case figures in ``figures/`` (``figures.py``): the overview (slices,
-differences, det J with folds, deformed grid, and the test-time-augmentation spread) and the
-attention diagnostics (BCAM alpha per level, RAA region weights, multi-resolution blend maps).
+``structures.md``; for DIR-Lab ``dirlab_table.md``, see ``dirlab_table``) and per-case figures in
+``figures/`` (``figures.py``): the overview (slices, differences, det J with folds, deformed grid,
+and the test-time-augmentation spread) and the attention diagnostics (BCAM alpha per level, RAA
+region weights, multi-resolution blend maps).
+
+Landmarks: every case with landmarks reports how many entered its TRE (``landmarks``) and how
+many the preprocessing put outside the network's grid (``landmarks_outside``, not real, left out
+of the TRE). DIR-Lab's TRE is in the original images' mm (``original_mm_tre``).
 
 Uncertainty (the TTA spread): the pair is registered four times, as given and mirrored along each
 spatial axis (both images flipped, the predicted DDF flipped back with the mirrored component
@@ -40,7 +45,10 @@ import numpy as np
 
 from adreg_jax import ops
 from adreg_jax.data import build_dataset, dataset_labels
+from adreg_jax.data.dirlab import CASES as DIRLAB_CASES
+from adreg_jax.data.dirlab import tre_mm
 from adreg_jax.data.labels import IXI_GROUPS, IXI_VOI
+from adreg_jax.data.preprocess import GridMap
 from adreg_jax.losses import mean_tre, tre_errors
 from adreg_jax.training import restore_for_inference
 
@@ -81,10 +89,45 @@ def case_metrics(
             row["dice_17"] = np.nanmean(list(groups.values()))
             row.update({f"dice_{name}": value for name, value in groups.items()})
     if "fixed_points" in batch:
-        for key, field in (("tre_mm_before", jnp.zeros_like(ddf)), ("tre_mm", ddf)):
-            row[key] = mean_tre(batch, field)
-            row[f"{key}_std"] = _landmark_std(batch, field)
+        _, mask = tre_errors(batch, ddf)
+        row["landmarks"] = jnp.sum(mask)
+        if "points_outside" in pair:
+            row["landmarks_outside"] = pair["points_outside"]
+        if "case" in pair:
+            row["dirlab_case"] = pair["case"]
+        if "grid_scale" in pair:
+            row.update(original_mm_tre(pair, ddf[0]))
+        else:
+            for key, field in (("tre_mm_before", jnp.zeros_like(ddf)), ("tre_mm", ddf)):
+                row[key] = mean_tre(batch, field)
+                row[f"{key}_std"] = _landmark_std(batch, field)
     return {key: float(np.asarray(value).reshape(-1)[0]) for key, value in row.items()}
+
+
+def original_mm_tre(pair: dict[str, np.ndarray], ddf: jnp.ndarray) -> dict[str, float]:
+    """DIR-Lab TRE in the original images' mm, mean and std over the real landmarks.
+
+    The fixed landmarks p (network grid) go to p + ddf(p) (``ops.sample_ddf_at_points``); those
+    points and the moving landmarks are mapped back through the preprocessing exactly (the
+    pair's ``grid_scale`` / ``grid_shift``, a ``preprocess.GridMap``) onto the raw voxel grid,
+    where the distance is taken in the raw spacing (``dirlab.tre_mm``). ddf: (D, H, W, 3).
+    Because the GridMap is a per-axis scale and shift, this equals ``ops.tre`` on the network
+    grid with the network spacing (raw spacing / scale); the mapping makes it evident.
+    """
+    grid_map = GridMap(
+        np.asarray(pair["grid_scale"], np.float64), np.asarray(pair["grid_shift"], np.float64)
+    )
+    fixed = np.asarray(pair["fixed_points"], np.float64)
+    moving = np.asarray(pair["moving_points"], np.float64)
+    mask = np.asarray(pair["points_mask"], bool)
+    shift = np.asarray(ops.sample_ddf_at_points(ddf, jnp.asarray(fixed, jnp.float32)), np.float64)
+    spacing = np.asarray(pair["original_spacing"], np.float64)
+    row = {}
+    for key, mapped in (("tre_mm_before", fixed), ("tre_mm", fixed + shift)):
+        errors = tre_mm(mapped, moving, grid_map, spacing)[mask]
+        row[key] = float(errors.mean()) if errors.size else float("nan")
+        row[f"{key}_std"] = float(errors.std()) if errors.size else float("nan")
+    return row
 
 
 def _landmark_std(batch, ddf) -> jnp.ndarray:
@@ -183,6 +226,8 @@ def summarise(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 
 _TABLE_COLUMNS = (
+    ("landmarks in TRE", "landmarks"),
+    ("landmarks outside grid", "landmarks_outside"),
     ("Dice before", "dice_before"),
     ("Dice", "dice"),
     ("Dice 17 structures", "dice_17"),
@@ -206,7 +251,12 @@ def _cell(row: dict[str, float], key: str) -> str:
         return ""
     if f"{key}_std" in row:
         return f"{row[key]:.2f} ({row[f'{key}_std']:.2f})"
+    if key in _COUNT_KEYS:
+        return f"{row[key]:.0f}"
     return f"{row[key]:.4f}"
+
+
+_COUNT_KEYS = ("landmarks", "landmarks_outside")
 
 
 def markdown_table(rows: list[dict[str, float]], summary: dict[str, dict[str, float]]) -> str:
@@ -217,10 +267,61 @@ def markdown_table(rows: list[dict[str, float]], summary: dict[str, dict[str, fl
     ]
     for index, row in enumerate(rows):
         cells = [_cell(row, key) for _, key in columns]
-        lines.append(f"| {index} | " + " | ".join(cells) + " |")
-    cells = [f"{summary[key]['mean']:.4f} ({summary[key]['std']:.4f})" for _, key in columns]
+        name = f"DIR-Lab {row['dirlab_case']:.0f}" if "dirlab_case" in row else str(index)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    cells = [
+        f"{sum(row.get(key, 0.0) for row in rows):.0f} in all"
+        if key in _COUNT_KEYS
+        else f"{summary[key]['mean']:.4f} ({summary[key]['std']:.4f})"
+        for _, key in columns
+    ]
     lines.append("| mean (std) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def dirlab_table(results: Sequence[dict[str, Any]]) -> str:
+    """DIR-Lab TRE like the paper's Table I from leave-one-case-out runs.
+
+    ``results``: ``evaluate_run`` results (or their ``metrics.json``), each holding one or more
+    DIR-Lab cases. One row per case: the landmarks that entered the TRE (of those in the files),
+    TRE mean (std) over the landmarks in the original images' mm before and after registration,
+    and the published "before"; then the mean over the cases of the per-case means (std over
+    cases). A case whose TRE used fewer landmarks than its files hold is flagged, never hidden.
+    """
+    rows = sorted(
+        (row for result in results for row in result["per_case"] if "dirlab_case" in row),
+        key=lambda row: row["dirlab_case"],
+    )
+    if not rows:
+        raise ValueError("dirlab_table: no DIR-Lab cases in the results (no 'dirlab_case' rows)")
+    lines = [
+        "| case | landmarks in TRE | TRE before (mm) | published before | TRE after (mm) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        case = int(row["dirlab_case"])
+        used, outside = int(row["landmarks"]), int(row.get("landmarks_outside", 0))
+        count = f"{used}/{used + outside}" + ("" if outside == 0 else " (FEWER)")
+        published = DIRLAB_CASES[case][2] if case in DIRLAB_CASES else float("nan")
+        lines.append(
+            f"| {case} | {count} | {_cell(row, 'tre_mm_before')} | {published:.2f} | "
+            f"{_cell(row, 'tre_mm')} |"
+        )
+    before = np.asarray([row["tre_mm_before"] for row in rows])
+    after = np.asarray([row["tre_mm"] for row in rows])
+    published = np.asarray(
+        [DIRLAB_CASES.get(int(r["dirlab_case"]), (0, 0, np.nan))[2] for r in rows]
+    )
+    lines.append(
+        f"| mean of {len(rows)} cases (std) | {int(sum(r['landmarks'] for r in rows))} | "
+        f"{before.mean():.2f} ({before.std():.2f}) | {published.mean():.2f} | "
+        f"{after.mean():.2f} ({after.std():.2f}) |"
+    )
+    note = (
+        "\nTRE in the original images' mm: landmarks mapped back through the preprocessing; "
+        "per case mean (std) over its landmarks, last row mean (std) over the cases' means.\n"
+    )
+    return "\n".join(lines) + "\n" + note
 
 
 def structures_table(summary: dict[str, dict[str, float]]) -> str:
@@ -285,6 +386,8 @@ def evaluate_run(
         for index, row in enumerate(rows):
             writer.writerow({"case": index, **row})
     (out / "table.md").write_text(markdown_table(rows, summary))
+    if any("dirlab_case" in row for row in rows):
+        (out / "dirlab_table.md").write_text(dirlab_table([result]))
     structures = structures_table(summary)
     if structures:
         (out / "structures.md").write_text(structures)

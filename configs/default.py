@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.cross_phase = True  # also train on T00 -> T10..T90 pairs (no landmarks)
     data.hu_window = (-1000.0, 500.0)  # HU clip before [0, 1]; () = no window
     data.isotropic_mm = 0.0  # > 0: resample to this isotropic spacing before crop/pad
+    data.spacing_mm = ()  # (D, H, W) mm: resample to this spacing before crop/pad; () = no
+    data.crop_center = "volume"  # crop/pad to image_size centred on the "volume" or the "lungs"
+    data.hu_offset = 0.0  # added to the raw values to give HU (-1024 for HU + 1024 storage)
     data.max_points = 300  # landmarks padded to this N with points_mask
 
     # --- loss (adreg_jax.losses) -------------------------------------------------------------

@@ -71,6 +71,9 @@ def test_flip_moves_points_and_ddf_consistently():
         "true_ddf": np.broadcast_to(np.float32([1, 0, 0]), (4, 5, 6, 3)).copy(),
         "fixed_points": np.float32([[0, 1, 2]]),
         "moving_points": np.float32([[1, 1, 2]]),
+        # raw point (0, 2, 0) lands on grid point (0, 1, 2): q = p * scale + shift
+        "grid_scale": np.float32([1.0, 0.5, 2.0]),
+        "grid_shift": np.float32([0.0, 0.0, 2.0]),
     }
 
     # force every axis to flip: a generator whose random() is always >= 0.5
@@ -83,6 +86,9 @@ def test_flip_moves_points_and_ddf_consistently():
     np.testing.assert_allclose(out["fixed_points"], [[3, 3, 3]])
     # a +1 shift along D becomes -1 and still links fixed point to moving point
     np.testing.assert_allclose(out["fixed_points"] + out["true_ddf"][3, 3, 3], out["moving_points"])
+    # the raw -> grid map flips too: the flipped point still maps back to raw (0, 2, 0)
+    raw = (out["fixed_points"] - out["grid_shift"]) / out["grid_scale"]
+    np.testing.assert_allclose(raw, [[0, 2, 0]])
 
 
 def test_lung_phantom_landmarks_follow_the_true_motion():
@@ -129,3 +135,58 @@ def test_worker_processes_give_the_same_stream_and_restore():
     for got in (next(inline), next(resumed)):
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_pairs_reorient_points_with_oblique_lps_images(tmp_path):
+    # A NIfTI pair stored oblique and LPS with permuted axes: file axis 0 runs superior (3 mm),
+    # axis 1 left (2 mm), axis 2 posterior (1 mm), all turned 15 degrees about world z. The
+    # moving image is the fixed one shifted by t file voxels, so fixed point p corresponds to
+    # moving point p + t. Truth from world coordinates: TRE before = |M t| mm for every point,
+    # and the constant field that maps t into the canonical axes brings it to 0.
+    import nibabel as nib
+
+    import adreg_jax.ops as ops
+    from adreg_jax.data import nifti
+
+    angle = np.deg2rad(15.0)
+    rotation = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
+    columns = np.array([[0, 0, 3.0], [-2.0, 0, 0], [0, -1.0, 0]]).T  # S, L, P per file axis
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ columns
+    affine[:3, 3] = [10.0, -20.0, 5.0]
+    rng = np.random.default_rng(0)
+    fixed = ndimage.gaussian_filter(rng.random((10, 12, 14)), 1.0).astype(np.float32)
+    shift = np.array([1, -2, 3])
+    moving = np.roll(fixed, shift, axis=(0, 1, 2))
+    nib.save(nib.Nifti1Image(fixed, affine), str(tmp_path / "fixed.nii.gz"))
+    nib.save(nib.Nifti1Image(moving, affine), str(tmp_path / "moving.nii.gz"))
+    points = np.array([[2, 4, 3], [5, 8, 6], [7, 6, 9], [3, 9, 4]], np.float32)
+    np.savetxt(tmp_path / "fixed.txt", points)
+    np.savetxt(tmp_path / "moving.txt", points + shift)
+    (tmp_path / "pairs.csv").write_text(
+        "fixed,moving,fixed_points,moving_points\nfixed.nii.gz,moving.nii.gz,fixed.txt,moving.txt\n"
+    )
+    canonical, canonical_affine = nifti.load_nifti(tmp_path / "fixed.nii.gz")
+    data = _config(dataset="pairs", root=str(tmp_path / "pairs.csv"), image_size=canonical.shape)
+    pair = pipeline.build_dataset(data, "train", seed=0)[0]
+    assert pair["points_mask"].all() and pair["points_outside"] == 0
+
+    # the images moved with the points: the canonical image at the canonical points holds the
+    # file's values at the file's points
+    values = ndimage.map_coordinates(canonical, pair["fixed_points"].T, order=0)
+    np.testing.assert_allclose(values, fixed[tuple(points.astype(int).T)])
+    world_shift = affine[:3, :3] @ shift
+    zero = np.zeros(canonical.shape + (3,), np.float32)
+    before = ops.tre(pair["fixed_points"], pair["moving_points"], zero, pair["spacing"])
+    np.testing.assert_allclose(before, np.linalg.norm(world_shift), rtol=1e-5)
+    canonical_shift = np.linalg.solve(canonical_affine[:3, :3], world_shift)
+    np.testing.assert_allclose(canonical_shift, np.round(canonical_shift), atol=1e-6)
+    ddf = np.broadcast_to(canonical_shift.astype(np.float32), canonical.shape + (3,))
+    after = ops.tre(pair["fixed_points"], pair["moving_points"], ddf, pair["spacing"])
+    np.testing.assert_allclose(after, 0.0, atol=1e-5)
+    # and the same field warps the moving image onto the fixed one (away from the wrapped edge)
+    warped = np.asarray(ops.warp(pair["moving"], ddf))[..., 0]
+    inner = tuple(slice(3, -3) for _ in range(3))
+    np.testing.assert_allclose(warped[inner], pair["fixed"][..., 0][inner], atol=1e-5)

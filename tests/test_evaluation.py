@@ -120,3 +120,53 @@ def test_case_metrics_give_tre_mean_and_std_over_landmarks():
     assert row["tre_mm"] == pytest.approx(errors.mean())
     table = evaluation.markdown_table([row], evaluation.summarise([row]))
     assert f"{errors.mean():.2f} ({errors.std():.2f})" in table
+
+
+def test_dirlab_tre_in_original_mm_and_the_table_i_counts():
+    # A DIR-Lab-like pair on a network grid that scales and shifts the raw grid per axis:
+    # q = p * scale + shift. Truth in the raw grid: a constant field c (network voxels) moves a
+    # raw point by c / scale raw voxels, so the error is |(p - m + c / scale) * raw spacing|.
+    scale, shift = np.array([1.0, 0.5, 0.625]), np.array([2.0, -3.0, 4.0])
+    raw_spacing = np.array([2.5, 0.97, 0.97])
+    rng = np.random.default_rng(0)
+    raw_fixed = rng.uniform([2, 10, 10], [8, 30, 30], (4, 3))
+    raw_moving = raw_fixed + rng.uniform(-3, 3, (4, 3))
+    c = np.array([0.5, -1.0, 2.0])
+    pair = {
+        "fixed": np.zeros((10, 12, 16, 1), np.float32),
+        "moving": np.zeros((10, 12, 16, 1), np.float32),
+        "fixed_points": (raw_fixed * scale + shift).astype(np.float32),
+        "moving_points": (raw_moving * scale + shift).astype(np.float32),
+        "points_mask": np.array([True, True, True, False]),  # the last one left the grid
+        "points_outside": np.int32(1),
+        "spacing": (raw_spacing / scale).astype(np.float32),
+        "case": np.int32(3),
+        "grid_scale": scale.astype(np.float32),
+        "grid_shift": shift.astype(np.float32),
+        "original_spacing": raw_spacing.astype(np.float32),
+    }
+
+    def apply_fn(variables, fixed, moving):
+        return {"ddf": jnp.broadcast_to(jnp.asarray(c, jnp.float32), (*fixed.shape[:4], 3)),
+                "warped": moving}  # fmt: skip
+
+    row = evaluation.case_metrics(apply_fn, None, pair, labels=())
+    truth = np.linalg.norm((raw_fixed - raw_moving + c / scale) * raw_spacing, axis=-1)[:3]
+    before = np.linalg.norm((raw_fixed - raw_moving) * raw_spacing, axis=-1)[:3]
+    assert row["tre_mm"] == pytest.approx(truth.mean(), rel=1e-5)
+    assert row["tre_mm_std"] == pytest.approx(truth.std(), rel=1e-4)
+    assert row["tre_mm_before"] == pytest.approx(before.mean(), rel=1e-5)
+    assert (row["landmarks"], row["landmarks_outside"], row["dirlab_case"]) == (3, 1, 3)
+    # on the network grid with the network spacing, ops.tre gives the same numbers
+    grid = {k: v for k, v in pair.items() if k not in ("grid_scale", "grid_shift")}
+    assert evaluation.case_metrics(apply_fn, None, grid, labels=())["tre_mm"] == pytest.approx(
+        truth.mean(), rel=1e-5
+    )
+    table = evaluation.markdown_table([row], evaluation.summarise([row]))
+    assert "| DIR-Lab 3 | 3 | 1 |" in table
+    other = dict(row, dirlab_case=1.0, landmarks=300.0, landmarks_outside=0.0)
+    dirlab = evaluation.dirlab_table([{"per_case": [row]}, {"per_case": [other]}])
+    lines = dirlab.splitlines()
+    assert lines[2].startswith("| 1 | 300/300 |") and "| 3.89 |" in lines[2]
+    assert lines[3].startswith("| 3 | 3/4 (FEWER) |") and "| 6.94 |" in lines[3]
+    assert lines[4].startswith(f"| mean of 2 cases (std) | 303 | {before.mean():.2f} (0.00) |")

@@ -4,7 +4,9 @@ Where this sits: files (the DIR-Lab download layout) -> **dirlab** -> preprocess
 Layout: ``CaseNPack/Images/<image name>`` header-less little-endian int16 of shape (z, y, x) and
 ``CaseNPack/ExtremePhases/*_T00_xyz.txt`` / ``*_T50_xyz.txt`` with 1-based x y z voxel indices
 (case 8's folder is ``Case8Deploy``). Everything returned is in (D, H, W) = (z, y, x) order with
-0-based voxel coordinates (DESIGN.md); the conversion happens here and nowhere else.
+0-based voxel coordinates (DESIGN.md); the conversion happens here and nowhere else (and back
+in ``write_case``, which writes this layout). ``preprocess_case`` resamples and crops a case,
+centred on the volume or on the lungs (``find_lung_box``), with its landmarks.
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ class DirLabCase:
     fixed_points, moving_points: (N, 3) float32 0-based voxel coords on the current grid.
     spacing: (3,) float32 mm of the current grid. original_spacing: (3,) mm of the raw grid.
     grid_map: current grid <-> raw grid; TRE is reported on the raw grid in mm.
+    lung_box: (2, 3) first and last voxel coords of the lungs on the current grid (None when
+    not searched); shape: (D, H, W) of the current grid.
     """
 
     case: int
@@ -150,6 +154,23 @@ class DirLabCase:
     spacing: np.ndarray
     original_spacing: np.ndarray
     grid_map: preprocess.GridMap
+    lung_box: np.ndarray | None = None
+    shape: tuple[int, int, int] | None = None
+
+    def points_inside(self) -> np.ndarray:
+        """(N,) bool: landmark pairs whose fixed and moving points both lie in the grid."""
+        shape = self.shape or case_shape(self.case)
+        return preprocess.inside_grid(self.fixed_points, shape) & preprocess.inside_grid(
+            self.moving_points, shape
+        )
+
+    def lungs_inside(self) -> bool:
+        """Whether the lung box found in the images lies wholly in the grid."""
+        if self.lung_box is None:
+            raise ValueError(f"case {self.case}: no lung box (preprocess with center='lungs')")
+        return bool(
+            preprocess.inside_grid(self.lung_box, self.shape or case_shape(self.case)).all()
+        )
 
 
 def load_dirlab_case(root: str | Path, case: int, images: bool = True) -> DirLabCase:
@@ -173,7 +194,30 @@ def load_dirlab_case(root: str | Path, case: int, images: bool = True) -> DirLab
         spacing,
         spacing.copy(),
         preprocess.GridMap.identity(),
+        shape=shape,
     )
+
+
+def find_lung_box(data: DirLabCase, hu_offset: float = 0.0) -> np.ndarray:
+    """(2, 3) first and last voxel (D, H, W) of the lungs of both phases, on the current grid.
+
+    The raw values plus ``hu_offset`` must be HU (air about -1000); see
+    ``preprocess.lung_bounding_box``.
+    """
+    boxes = []
+    for which in ("fixed", "moving"):
+        volume = getattr(data, which)
+        if volume is None:
+            raise ValueError(f"case {data.case}: the lung box needs the images (images=True)")
+        box = preprocess.lung_bounding_box(volume + np.float32(hu_offset))
+        if box is None:
+            raise ValueError(
+                f"case {data.case} {which}: no lungs found (air below -500 HU inside the body); "
+                f"expected HU values (air about -1000) after adding hu_offset={hu_offset}; "
+                "images stored as HU + 1024 need hu_offset=-1024"
+            )
+        boxes.append(box)
+    return np.stack([np.minimum(*[b[0] for b in boxes]), np.maximum(*[b[1] for b in boxes])])
 
 
 def preprocess_case(
@@ -184,15 +228,29 @@ def preprocess_case(
     z_multiple: int = 16,
     isotropic_mm: float | None = None,
     shape: tuple[int, int, int] | None = None,
+    spacing_mm: tuple[float, float, float] | None = None,
+    center: str = "volume",
+    lung_box: np.ndarray | None = None,
+    hu_offset: float = 0.0,
 ) -> DirLabCase:
     """Paper preprocessing; landmarks follow every crop, pad and resample.
 
-    Order: intensity (HU window, else percentile clip) -> [0, 1]; then either resampling to
-    ``isotropic_mm`` or (centred in-plane crop/pad to ``inplane_size`` and zero pad of z to a
-    multiple of ``z_multiple``); finally a centred crop/pad to ``shape`` if given.
+    Order: intensity (raw + ``hu_offset``, then HU window, else percentile clip) -> [0, 1]; then
+    either resampling to ``spacing_mm`` ((D, H, W) mm, the nearest whole shape) or to
+    ``isotropic_mm``, or (centred in-plane crop/pad to ``inplane_size`` and zero pad of z to a
+    multiple of ``z_multiple``); finally a crop/pad to ``shape`` if given, centred on the volume
+    (``center="volume"``) or on the lungs (``center="lungs"``: the middle of ``lung_box``, raw
+    voxel coords (2, 3) first/last, found in both phases' HU values when not given).
+    The result's ``lung_box`` is that box on the new grid (None with ``center="volume"``).
     """
+    if center not in ("volume", "lungs"):
+        raise ValueError(f"center={center!r} unknown; expected 'volume' or 'lungs'")
     base_shape = case_shape(data.case) if data.fixed is None else data.fixed.shape
+    if center == "lungs" and lung_box is None:
+        lung_box = data.grid_map.inverse(find_lung_box(data, hu_offset).astype(np.float64))
     volumes = [data.fixed, data.moving]
+    if hu_offset:
+        volumes = [None if v is None else v + np.float32(hu_offset) for v in volumes]
     if hu_window is not None:
         volumes = [None if v is None else preprocess.window(v, *hu_window) for v in volumes]
     elif percentiles is not None:
@@ -201,9 +259,11 @@ def preprocess_case(
         ]
     steps: list[tuple[str, tuple[int, ...]]] = []
     current = tuple(int(n) for n in base_shape)
-    if isotropic_mm is not None:
+    if spacing_mm is not None or isotropic_mm is not None:
+        new_spacing = (isotropic_mm,) * 3 if spacing_mm is None else tuple(spacing_mm)
         target = tuple(
-            max(1, round(n * s / isotropic_mm)) for n, s in zip(current, data.spacing, strict=True)
+            max(1, round(n * s / t))
+            for n, s, t in zip(current, data.spacing, new_spacing, strict=True)
         )
         steps.append(("resample", target))
         current = target
@@ -215,7 +275,7 @@ def preprocess_case(
             current = (current[0] + (-current[0]) % z_multiple, *current[1:])
             steps.append(("crop", current))  # centred zero pad of z
     if shape is not None:
-        steps.append(("crop", tuple(shape)))
+        steps.append(("final", tuple(int(n) for n in shape)))
 
     grid_map = data.grid_map
     spacing = np.asarray(data.spacing, np.float64)
@@ -225,11 +285,17 @@ def preprocess_case(
             step_map = preprocess.resample_map(current, target)
             volumes = [None if v is None else preprocess.resample(v, target)[0] for v in volumes]
         else:
-            step_map = preprocess.crop_or_pad_map(current, target)
-            volumes = [None if v is None else preprocess.crop_or_pad(v, target)[0] for v in volumes]
+            middle = None
+            if kind == "final" and center == "lungs":
+                middle = grid_map.forward(np.asarray(lung_box, np.float64).mean(axis=0))
+            step_map = preprocess.crop_or_pad_map(current, target, middle)
+            volumes = [
+                None if v is None else preprocess.crop_or_pad(v, target, middle)[0] for v in volumes
+            ]
         grid_map = grid_map.then(step_map)
         spacing = spacing / step_map.scale
         current = target
+    raw_box = None if lung_box is None else np.asarray(lung_box, np.float64)
     return dataclasses.replace(
         data,
         fixed=volumes[0],
@@ -238,6 +304,8 @@ def preprocess_case(
         moving_points=_apply(data, grid_map, "moving"),
         spacing=spacing.astype(np.float32),
         grid_map=grid_map,
+        lung_box=None if raw_box is None else grid_map.forward(raw_box),
+        shape=current,
     )
 
 
@@ -256,3 +324,44 @@ def tre_mm(
     a = grid_map.inverse(np.asarray(fixed_points, np.float64))
     b = grid_map.inverse(np.asarray(moving_points, np.float64))
     return np.linalg.norm((a - b) * np.asarray(original_spacing, np.float64), axis=-1)
+
+
+# --- writing the DIR-Lab layout (the loader's inverse: conversions, generated test cases) -------
+
+
+def write_landmarks(path: str | Path, points: np.ndarray) -> None:
+    """Write (N, 3) 0-based (D, H, W) points as a DIR-Lab file: 1-based x y z, tab separated,
+    CRLF line ends (the original files' format). Points must be whole voxels."""
+    xyz = np.asarray(points, np.float64)[:, ::-1] + 1.0
+    if not np.allclose(xyz, np.round(xyz)):
+        raise ValueError(f"{path}: DIR-Lab landmarks are whole voxel indices; got {xyz[:2]}...")
+    text = "".join(f"{int(x)}\t{int(y)}\t{int(z)}\r\n" for x, y, z in np.round(xyz))
+    Path(path).write_text(text, newline="")
+
+
+def write_case(
+    root: str | Path,
+    case: int,
+    images: dict[str, np.ndarray],
+    fixed_points: np.ndarray,
+    moving_points: np.ndarray,
+) -> Path:
+    """Write one case in the DIR-Lab download layout under ``root``; returns the case folder.
+
+    images: phase ("T00".."T90") -> (D, H, W) volume of ``case_shape(case)``, stored as
+    header-less little-endian int16. fixed_points, moving_points: (N, 3) 0-based (D, H, W)
+    whole-voxel coords, written as ``ExtremePhases/caseN_dirLab300_T00_xyz.txt`` / ``_T50_``.
+    """
+    name = "Case8Deploy" if _check_case(case) == 8 else f"Case{case}Pack"
+    folder = Path(root) / name
+    (folder / "ExtremePhases").mkdir(parents=True, exist_ok=True)
+    (folder / "Images").mkdir(exist_ok=True)
+    for phase, points in (("T00", fixed_points), ("T50", moving_points)):
+        write_landmarks(folder / "ExtremePhases" / f"case{case}_dirLab300_{phase}_xyz.txt", points)
+    for phase, volume in images.items():
+        if volume.shape != case_shape(case):
+            raise ValueError(
+                f"case {case} {phase}: volume shape {volume.shape}, expected {case_shape(case)}"
+            )
+        image_path(root, case, phase).write_bytes(np.asarray(volume, "<i2").tobytes())
+    return folder

@@ -111,3 +111,39 @@ class GeneratedLungPairs:
             "spacing": spacing,
             "true_ddf": true_ddf,
         }
+
+
+def thorax_hu(
+    shape: tuple[int, int, int],
+    spacing: np.ndarray,
+    points: np.ndarray,
+    lung_margin_mm: float = 15.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """A thorax-like int16 CT in HU whose lungs hold the given landmarks (for DIR-Lab-format
+    test cases at any size, e.g. with the real landmark files).
+
+    (D, H, W) = (z, y, x); air -1000 outside; a soft-tissue (40 HU) elliptic body along z around
+    the points; lungs (-850 HU) = everything within ``lung_margin_mm`` of a point; a couch (+300
+    HU) under the body where the field of view has room; noise of 10 HU.
+    """
+    spacing = np.asarray(spacing, np.float64)
+    points = np.asarray(points, np.float64)
+    near = np.ones(shape, bool)
+    near[tuple(np.clip(np.round(points), 0, np.asarray(shape) - 1).astype(int).T)] = False
+    lungs = ndimage.distance_transform_edt(near, sampling=spacing) <= lung_margin_mm
+    low, high = points.min(axis=0), points.max(axis=0)
+    centre = (low + high) / 2.0
+    # the body's ellipse holds the lungs' bounding rectangle (corners at sqrt(2) of the half sides)
+    half_mm = np.sqrt(2.0) * ((high - low) / 2.0 * spacing + lung_margin_mm) + 10.0
+    y = (np.arange(shape[1]) - centre[1]) * spacing[1] / half_mm[1]
+    x = (np.arange(shape[2]) - centre[2]) * spacing[2] / half_mm[2]
+    body = (y[:, None] ** 2 + x[None, :] ** 2) <= 1.0
+    volume = np.full(shape, -1000.0, np.float32)
+    volume[:, body] = 40.0
+    couch = int(np.ceil(centre[1] + half_mm[1] / spacing[1] + 10.0 / spacing[1]))
+    if couch + 3 < shape[1]:
+        volume[:, couch : couch + 3, :] = 300.0
+    volume[lungs] = -850.0
+    volume += np.random.default_rng(seed).normal(0.0, 10.0, shape).astype(np.float32)
+    return np.clip(np.round(volume), -1024, 3071).astype(np.int16)

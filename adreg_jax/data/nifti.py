@@ -69,7 +69,9 @@ def read_pair_list(path: str | Path) -> list[dict[str, str]]:
 
 
 def read_points(path: str | Path) -> np.ndarray:
-    """(N, 3) float32 0-based voxel coords from a text file of three numbers per line (D H W)."""
+    """(N, 3) float32 0-based voxel coords from a text file of three numbers per line (whose
+    axes is the caller's convention: ``NiftiPairs`` takes them along their image file's axes and
+    reorients them with ``canonical_points``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"point file {path} missing")
@@ -79,9 +81,34 @@ def read_points(path: str | Path) -> np.ndarray:
     return points.astype(np.float32)
 
 
+def canonical_points(points: np.ndarray, image_path: str | Path) -> np.ndarray:
+    """Points given in the voxel axes of the file ``image_path`` -> the axes of its canonical
+    RAS+ array (what ``load_nifti`` returns): the same permutation and flips as the image.
+
+    points: (N, 3) 0-based voxel coords along the file's array axes i, j, k. Returns (N, 3)
+    float32. Only the header is read.
+    """
+    path = Path(image_path)
+    try:
+        image = nib.load(str(path))
+    except Exception as err:  # nibabel raises several types for unreadable files
+        raise ValueError(f"{path}: not a readable NIfTI file ({err})") from err
+    # as_closest_canonical: file axis k becomes canonical axis ornt[k, 0], flipped if ornt[k, 1]<0
+    ornt = nib.orientations.io_orientation(image.affine)
+    points = np.asarray(points, np.float64)
+    out = np.empty_like(points)
+    for axis in range(3):
+        target, flip = int(ornt[axis, 0]), ornt[axis, 1] < 0
+        size = image.shape[axis]
+        out[:, target] = (size - 1 - points[:, axis]) if flip else points[:, axis]
+    return out.astype(np.float32)
+
+
 class NiftiPairs:
     """Random-access pairs of a pair list (rows whose ``split`` matches; all rows for "train"
-    when no row names a split). Images are min-max normalised to [0, 1]."""
+    when no row names a split). Images are min-max normalised to [0, 1] and brought to canonical
+    RAS+ (``load_nifti``); point files hold voxel coords in their own image file's axes and are
+    reoriented with it (``canonical_points``)."""
 
     def __init__(self, list_path: str | Path, split: str):
         pairs = read_pair_list(list_path)
@@ -111,9 +138,9 @@ class NiftiPairs:
         for key in ("fixed_seg", "moving_seg"):
             if key in pair:
                 element[key] = load_nifti(pair[key])[0].astype(np.int32)
-        for key in ("fixed_points", "moving_points"):
+        for key, image in (("fixed_points", "fixed"), ("moving_points", "moving")):
             if key in pair:
-                element[key] = read_points(pair[key])
+                element[key] = canonical_points(read_points(pair[key]), pair[image])
         return element
 
 

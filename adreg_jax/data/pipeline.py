@@ -30,15 +30,32 @@ class _DirLabPairs:
     """Random-access DIR-Lab pairs: (case, fixed phase, moving phase), preprocessed to one shape.
 
     Only the T00/T50 pair has landmarks; cross-phase pairs (unsupervised) carry an all-False
-    ``points_mask`` so that every element shares the same keys and shapes.
+    ``points_mask`` so that every element shares the same keys and shapes. A landmark pair that
+    the preprocessing puts outside the grid (either point) is not real (mask False) and counted
+    in ``points_outside``. With ``data.crop_center == "lungs"`` every pair of a case is cut with
+    the one window centred on the lungs of its T00 and T50 images (found once per case).
+
+    Besides the batch-dict keys: ``case`` (the DIR-Lab case number), ``points_outside``,
+    ``grid_scale`` / ``grid_shift`` (the ``preprocess.GridMap`` raw -> network grid) and
+    ``original_spacing`` (mm of the raw grid), so that TRE can be reported in the original mm.
     """
 
     def __init__(self, data: ml_collections.ConfigDict, cases, phase_pairs):
         self.data = data
         self.items = [(c, f, m) for c in cases for f, m in phase_pairs]
+        self._lung_boxes: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def _lung_box(self, case: int) -> np.ndarray | None:
+        """(2, 3) raw-grid lung box of T00 and T50 together (None unless centring on lungs)."""
+        if self.data.crop_center != "lungs":
+            return None
+        if case not in self._lung_boxes:
+            raw = dirlab.load_dirlab_case(self.data.root, case)
+            self._lung_boxes[case] = dirlab.find_lung_box(raw, float(self.data.hu_offset))
+        return self._lung_boxes[case]
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         case, fixed_phase, moving_phase = self.items[index]
@@ -49,27 +66,44 @@ class _DirLabPairs:
             raw,
             hu_window=tuple(self.data.hu_window) if self.data.hu_window else None,
             isotropic_mm=self.data.isotropic_mm or None,
+            spacing_mm=tuple(self.data.spacing_mm) if self.data.spacing_mm else None,
             z_multiple=1,
             shape=tuple(self.data.image_size),
+            center=str(self.data.crop_center),
+            lung_box=self._lung_box(case),
+            hu_offset=float(self.data.hu_offset),
         )
         n = int(self.data.max_points)
         fixed_points = np.zeros((n, 3), np.float32)
         moving_points = np.zeros((n, 3), np.float32)
         mask = np.zeros((n,), bool)
+        outside = 0
         if (fixed_phase, moving_phase) == ("T00", "T50"):
-            k = min(n, len(out.fixed_points))
+            if len(out.fixed_points) > n:
+                raise ValueError(
+                    f"DIR-Lab case {case}: {len(out.fixed_points)} landmarks but "
+                    f"config.data.max_points={n}; expected at least as many"
+                )
+            k = len(out.fixed_points)
+            inside = out.points_inside()
             fixed_points[:k], moving_points[:k], mask[:k] = (
-                out.fixed_points[:k],
-                out.moving_points[:k],
-                True,
+                out.fixed_points,
+                out.moving_points,
+                inside,
             )
+            outside = int(k - inside.sum())
         return {
             "fixed": out.fixed[..., None].astype(np.float32),
             "moving": out.moving[..., None].astype(np.float32),
             "fixed_points": fixed_points,
             "moving_points": moving_points,
             "points_mask": mask,
+            "points_outside": np.int32(outside),
             "spacing": out.spacing,
+            "case": np.int32(case),
+            "grid_scale": out.grid_map.scale.astype(np.float32),
+            "grid_shift": out.grid_map.shift.astype(np.float32),
+            "original_spacing": out.original_spacing.astype(np.float32),
         }
 
 
@@ -85,7 +119,9 @@ def dataset_labels(data: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 class _Resized:
-    """Wrap a pair source: centred crop/pad of every volume to ``shape``; points follow."""
+    """Wrap a pair source: centred crop/pad of every volume to ``shape``; points follow, and a
+    landmark pair pushed outside the grid is marked not real (``points_mask``) and counted
+    (``points_outside``)."""
 
     def __init__(self, source, shape):
         self.source, self.shape = source, tuple(int(n) for n in shape)
@@ -102,6 +138,13 @@ class _Resized:
         for key in ("fixed_points", "moving_points"):
             if key in element and grid_map is not None:
                 element[key] = grid_map.forward(element[key]).astype(np.float32)
+        if "fixed_points" in element and "moving_points" in element:
+            real = element.get("points_mask", np.ones(len(element["fixed_points"]), bool))
+            inside = preprocess.inside_grid(
+                element["fixed_points"], self.shape
+            ) & preprocess.inside_grid(element["moving_points"], self.shape)
+            element["points_mask"] = real & inside
+            element["points_outside"] = np.int32(np.sum(real & ~inside))
         return element
 
 
@@ -177,6 +220,10 @@ def augment(element: dict, rng: np.random.Generator, flip: bool, intensity: floa
                     points = element[key].copy()
                     points[:, axis] = size - 1 - points[:, axis]
                     element[key] = points
+            if "grid_scale" in element:  # the raw -> grid map of the points flips with them
+                scale, shift = element["grid_scale"].copy(), element["grid_shift"].copy()
+                scale[axis], shift[axis] = -scale[axis], size - 1 - shift[axis]
+                element["grid_scale"], element["grid_shift"] = scale, shift
     if intensity > 0:
         for key in ("fixed", "moving"):
             gamma = float(np.exp(rng.normal(scale=0.2 * intensity)))

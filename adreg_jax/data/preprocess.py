@@ -2,7 +2,9 @@
 
 Where this sits: files -> loaders (dirlab.py, generated.py) -> **preprocess** -> pipeline.py.
 Every geometric step returns a ``GridMap`` so that landmarks move with the volume and can be
-mapped back to the original voxel grid, where TRE is reported in the original physical mm.
+mapped back to the original voxel grid, where TRE is reported in the original physical mm;
+``inside_grid`` says which landmarks a step left in the grid. ``lung_bounding_box`` finds the
+lungs of a CT in HU, where a crop can be centred.
 """
 
 from __future__ import annotations
@@ -55,13 +57,18 @@ def percentile_normalise(volume: np.ndarray, low: float = 0.5, high: float = 99.
     return window(volume, float(lo), float(max(hi, lo + 1e-6)))
 
 
-def crop_or_pad(volume: np.ndarray, shape: Sequence[int | None]) -> tuple[np.ndarray, GridMap]:
-    """Centred crop or zero pad of the first three axes to ``shape`` (None keeps an axis).
+def crop_or_pad(
+    volume: np.ndarray,
+    shape: Sequence[int | None],
+    center: Sequence[float] | None = None,
+) -> tuple[np.ndarray, GridMap]:
+    """Crop or zero pad the first three axes to ``shape`` (None keeps an axis).
 
-    Returns the new volume and the GridMap (a shift) that moves points with it.
+    Centred on the volume, or on the voxel coordinate ``center`` (see ``crop_or_pad_map``).
+    Returns the new volume and the GridMap (a whole-voxel shift) that moves points with it.
     """
     target = [volume.shape[k] if shape[k] is None else int(shape[k]) for k in range(3)]
-    grid_map = crop_or_pad_map(volume.shape[:3], target)
+    grid_map = crop_or_pad_map(volume.shape[:3], target, center)
     offsets = [int(-v) for v in grid_map.shift]
     out = np.zeros(tuple(target) + volume.shape[3:], volume.dtype)
     src, dst = [], []
@@ -74,11 +81,67 @@ def crop_or_pad(volume: np.ndarray, shape: Sequence[int | None]) -> tuple[np.nda
     return out, grid_map
 
 
-def crop_or_pad_map(shape: Sequence[int], target: Sequence[int]) -> GridMap:
-    """The point map of ``crop_or_pad`` from shapes alone (landmarks without images)."""
-    # offset = index in the original of new index 0 (negative = padding before)
-    offsets = [(int(n) - int(t)) // 2 for n, t in zip(shape, target, strict=True)]
+def crop_or_pad_map(
+    shape: Sequence[int], target: Sequence[int], center: Sequence[float] | None = None
+) -> GridMap:
+    """The point map of ``crop_or_pad`` from shapes alone (landmarks without images).
+
+    Without ``center`` the window is centred on the volume. With ``center`` ((3,) voxel coords
+    of the input, e.g. the middle of the lungs) the window is centred there, then moved by whole
+    voxels so that it stays inside the input along axes where it is smaller than the input and
+    holds the whole input along axes where it is larger (no voxel is padded while data is cut).
+    """
+    if center is None:
+        # offset = index in the original of new index 0 (negative = padding before)
+        offsets = [(int(n) - int(t)) // 2 for n, t in zip(shape, target, strict=True)]
+    else:
+        offsets = []
+        for n, t, c in zip(shape, target, center, strict=True):
+            offset = int(np.floor(float(c) - (int(t) - 1) / 2 + 0.5))
+            low, high = min(0, int(n) - int(t)), max(0, int(n) - int(t))
+            offsets.append(min(max(offset, low), high))
     return GridMap(np.ones(3), -np.asarray(offsets, np.float64))
+
+
+def inside_grid(points: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """(N,) bool: which (N, 3) voxel coords lie in a grid of ``shape`` (0 <= p <= n - 1)."""
+    upper = np.asarray(shape, np.float64)[:3] - 1.0
+    return np.all((points >= 0.0) & (points <= upper), axis=-1)
+
+
+def lung_bounding_box(volume_hu: np.ndarray, air_below: float = -500.0) -> np.ndarray | None:
+    """(2, 3) first and last voxel index (D, H, W) of the lungs of a thoracic CT in HU.
+
+    Lungs = voxels below ``air_below`` HU that the body encloses in their axial slice (axis 0 is
+    the slice axis; air connected to a slice's edge is outside the body), kept in 3-D connected
+    components of at least a tenth of the largest (airways join the lungs; bowel gas and noise
+    drop out). Volumes wider than 256 voxels in-plane are searched every 2nd (4th...) voxel.
+    None when no such air exists.
+    """
+    step = max(1, max(volume_hu.shape[1:3]) // 256)
+    air = np.asarray(volume_hu[:, ::step, ::step]) < air_below
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    slices, count = ndimage.label(air, structure=in_plane)
+    if count == 0:
+        return None
+    edge = np.zeros(air.shape, bool)
+    edge[:, [0, -1], :] = True
+    edge[:, :, [0, -1]] = True
+    outside = np.unique(slices[edge & air])
+    enclosed = air & ~np.isin(slices, outside)
+    parts, count = ndimage.label(enclosed)
+    if count == 0:
+        return None
+    sizes = np.bincount(parts.ravel())[1:]
+    lungs = np.isin(parts, np.flatnonzero(sizes >= 0.1 * sizes.max()) + 1)
+    box = np.zeros((2, 3), np.int64)
+    for axis in range(3):
+        hits = np.flatnonzero(lungs.any(axis=tuple(a for a in range(3) if a != axis)))
+        scale = 1 if axis == 0 else step
+        box[0, axis] = hits[0] * scale
+        box[1, axis] = min(hits[-1] * scale + scale - 1, volume_hu.shape[axis] - 1)
+    return box
 
 
 def resample_map(shape: Sequence[int], target: Sequence[int]) -> GridMap:
