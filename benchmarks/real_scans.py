@@ -58,6 +58,15 @@ DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 FS_GM = (3, 42, 8, 47)  # cerebral cortex L/R, cerebellar cortex L/R
 FS_WM = (2, 41, 7, 46)  # cerebral white matter L/R, cerebellar white matter L/R
 GMWM = {"1": "GM", "2": "WM"}
+PAIRS = (
+    "mni_to_scan",
+    "scan_to_mni",
+    "oasis_b_to_a",
+    "lung",
+    "lung_dirlab",
+    "mni_t2_to_scan",
+    "thick_slice",
+)
 
 
 def read_mha(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -191,11 +200,147 @@ def prepare_lung(data: Path, out: Path, seed: int = 0) -> dict[str, dict[str, st
     }
 
 
+def t2_like(t1: np.ndarray) -> np.ndarray:
+    """A T2-like contrast from a T1 scan normalised to [0, 1]: CSF bright, grey matter above
+    white matter, background dark (a non-monotonic map: local NCC cannot follow it, MI can)."""
+    return np.where(
+        t1 < 0.05, 0.0, np.interp(t1, [0.05, 0.3, 0.55, 0.8, 1.0], [0.9, 0.8, 0.55, 0.35, 0.3])
+    ).astype(np.float32)
+
+
+def prepare_multimodal(pairs: dict, out: Path) -> dict[str, dict]:
+    """mni_t2_to_scan: mni_to_scan with the moving template remapped to a T2-like contrast,
+    registered with ``--similarity mi`` (Dice on the same GM/WM labels)."""
+    source = pairs["mni_to_scan"]
+    t1, affine = load_nifti(source["moving"])
+    path = out / "mni152_t2like.nii.gz"
+    save_nifti(path, t2_like(loading.normalise(t1, str(source["moving"]))), affine)
+    return {"mni_t2_to_scan": {**source, "moving": path, "similarity": "mi"}}
+
+
+def smooth_motion(shape, spacing, amplitude_mm: float, seed: int, sigma_mm: float = 25.0):
+    """A smooth random displacement (*shape, 3) in mm whose largest magnitude is amplitude_mm."""
+    rng = np.random.default_rng(seed)
+    motion = np.stack(
+        [
+            ndimage.gaussian_filter(rng.normal(size=shape), sigma_mm / np.asarray(spacing))
+            for _ in range(3)
+        ],
+        axis=-1,
+    )
+    return motion * amplitude_mm / np.sqrt((motion**2).sum(-1)).max()
+
+
+def prepare_thick_slice(data: Path, out: Path, seed: int = 0) -> dict[str, dict]:
+    """thick_slice: a thick-slice multi-modal pair of one brain: fixed = T1 at 0.5 x 0.5 x 3 mm,
+    320 x 384 x 18 (a 3 mm slice profile); moving = the T2-like contrast at 2 x 2 x 3 mm,
+    80 x 96 x 18, through a known smooth motion of up to 4 mm and a 4 degree in-plane rotation;
+    GM/WM label maps on both grids for Dice."""
+    scan = np.load(data / "brain" / "test_scan.npz")
+    vol = scan["vol"].astype(np.float32)
+    seg = np.rint(scan["seg"]).astype(np.int32)
+    gmwm = np.where(np.isin(seg, FS_GM), 1, np.where(np.isin(seg, FS_WM), 2, 0))
+    slices, z0 = 18, vol.shape[2] / 2 - 27.0  # a 54 mm slab in the middle (source voxel = 1 mm)
+    profile = ndimage.gaussian_filter1d(vol, 3.0 / 2.355, axis=2)  # 3 mm FWHM slice profile
+
+    def grid(in_plane: float):
+        shape = (int(vol.shape[0] / in_plane), int(vol.shape[1] / in_plane), slices)
+        offset = np.array([(in_plane - 1) / 2, (in_plane - 1) / 2, z0 + 1.0])
+        affine = np.diag([in_plane, in_plane, 3.0, 1.0])
+        affine[:3, 3] = offset
+        world = np.indices(shape, dtype=np.float64).reshape(3, -1).T @ affine[:3, :3] + offset
+        return shape, affine, world  # world = source voxel coordinates (mm)
+
+    fixed_shape, fixed_affine, fixed_world = grid(0.5)
+    sample = lambda image, points, order: ndimage.map_coordinates(  # noqa: E731
+        image, points.T, order=order, mode="constant"
+    )
+    fixed = sample(profile, fixed_world, 1).reshape(fixed_shape)
+    fixed_seg = sample(gmwm, fixed_world, 0).reshape(fixed_shape)
+    moving_shape, moving_affine, moving_world = grid(2.0)
+    angle = np.deg2rad(4.0)
+    centre = np.array([vol.shape[0] / 2, vol.shape[1] / 2, z0 + 27.0])
+    rotation = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
+    motion = smooth_motion(moving_shape, (2.0, 2.0, 3.0), 4.0, seed).reshape(-1, 3)
+    # the anatomy at moving-grid point w sits at R (w - c) + c + u(w) in the source
+    source_points = (moving_world - centre) @ rotation.T + centre + motion
+    moving = t2_like(sample(profile, source_points, 1)).reshape(moving_shape)
+    moving_seg = sample(gmwm, source_points, 0).reshape(moving_shape)
+    files = {name: out / f"thick_{name}.nii.gz" for name in ("fixed", "moving", "fseg", "mseg")}
+    save_nifti(files["fixed"], fixed.astype(np.float32), fixed_affine)
+    save_nifti(files["moving"], moving.astype(np.float32), moving_affine)
+    save_nifti(files["fseg"], fixed_seg.astype(np.int16), fixed_affine)
+    save_nifti(files["mseg"], moving_seg.astype(np.int16), moving_affine)
+    return {
+        "thick_slice": dict(
+            fixed=files["fixed"],
+            moving=files["moving"],
+            fixed_seg=files["fseg"],
+            moving_seg=files["mseg"],
+            affine=True,
+            similarity="mi",
+        )
+    }
+
+
+# HU of the phantom's tissue classes (air, lung, soft tissue, vessel, bone): its [0, 1]
+# intensities are 0, 0.1, 0.5, 0.8 and 1.
+PHANTOM_HU = ([0.0, 0.1, 0.5, 0.8, 1.0], [-1000.0, -850.0, 40.0, 150.0, 700.0])
+
+
+def prepare_lung_dirlab(out: Path, seed: int = 0) -> dict[str, dict]:
+    """lung_dirlab: the generated breathing thorax at DIR-Lab size, 141 x 256 x 256 at 2 x 1.95 x
+    1.95 mm, diaphragm moving 20 mm, in HU (with 20 HU noise, drawn apart for each phase); 150
+    vessel landmarks in the lungs whose true positions the phantom's motion gives (those that
+    leave the field of view left out)."""
+    from adreg_jax.data.generated_lung import GeneratedLungPairs
+
+    files = {k: out / f"lung_dirlab_{k}" for k in ("fixed.nii.gz", "moving.nii.gz")}
+    points = {k: out / f"lung_dirlab_{k}_points.txt" for k in ("fixed", "moving")}
+    spacing = np.array([282.0 / 141, 500.0 / 256, 500.0 / 256])
+    if not all(p.exists() for p in (*files.values(), *points.values())):
+        phantom = GeneratedLungPairs(
+            shape=(141, 256, 256),
+            length=1,
+            seed=seed,
+            field_of_view_mm=(282.0, 500.0, 500.0),
+            motion_mm=(20.0, 20.0),
+            num_points=150,
+        )[0]
+        rng = np.random.default_rng(seed)
+        # a landmark near the diaphragm can move out of the field of view: left out
+        inside = np.ones(150, bool)
+        for name in ("fixed", "moving"):
+            coords = phantom[f"{name}_points"]
+            inside &= np.all((coords >= 0) & (coords <= np.asarray((141, 256, 256)) - 1), axis=1)
+        for name in ("fixed", "moving"):
+            noise = rng.normal(0.0, 20.0, phantom[name].shape[:3])
+            hu = np.interp(phantom[name][..., 0], *PHANTOM_HU) + noise
+            save_nifti(files[f"{name}.nii.gz"], hu.astype(np.int16), np.diag([*spacing, 1.0]))
+            np.savetxt(points[name], phantom[f"{name}_points"][inside], fmt="%.4f")
+    return {
+        "lung_dirlab": dict(
+            fixed=files["fixed.nii.gz"],
+            moving=files["moving.nii.gz"],
+            fixed_points=points["fixed"],
+            moving_points=points["moving"],
+            affine=False,
+        )
+    }
+
+
 # --- methods ------------------------------------------------------------------------------------
 
 
 def run_adreg(
-    pair: dict, out: Path, checkpoint: str | None, steps: Sequence[int], cache: str, repeat: int
+    pair: dict,
+    out: Path,
+    checkpoint: str | None,
+    steps: Sequence[int] | None,
+    cache: str,
+    repeat: int,
 ) -> dict:
     """``adreg-register`` on the pair ``repeat`` times; the metrics of the last run, with the
     first run's times added (``first_*``: compilation included, unless the cache had it)."""
@@ -206,16 +351,18 @@ def run_adreg(
         str(pair["moving"]),
         "--out",
         str(out),
-        "--instance-steps",
-        *map(str, steps),
         "--cache-dir",
         cache,
         "--quiet",
     ]
+    if steps:
+        argv += ["--instance-steps", *map(str, steps)]
     if checkpoint:
         argv += ["--checkpoint", checkpoint]
     if pair.get("affine"):
         argv.append("--affine")
+    if pair.get("similarity"):
+        argv += ["--similarity", pair["similarity"]]
     for key in ("fixed_seg", "moving_seg", "fixed_points", "moving_points"):
         if key in pair:
             argv += [f"--{key.replace('_', '-')}", str(pair[key])]
@@ -314,7 +461,11 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", help="an AD-RegNet run directory (train.py)")
     parser.add_argument("--unet", help="a U-Net baseline run directory")
     parser.add_argument(
-        "--steps", type=int, nargs="+", default=[60, 20], help="instance steps per level"
+        "--steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="instance steps per level (default: the command's, chosen from the scan)",
     )
     parser.add_argument(
         "--repeat",
@@ -324,7 +475,9 @@ def main(argv=None) -> int:
         "first",
     )
     parser.add_argument(
-        "--pairs", nargs="+", default=["mni_to_scan", "scan_to_mni", "oasis_b_to_a", "lung"]
+        "--pairs",
+        nargs="+",
+        default=list(PAIRS),
     )
     parser.add_argument("--no-ants", action="store_true")
     args = parser.parse_args(argv)
@@ -335,14 +488,20 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 1
+    unknown = sorted(set(args.pairs) - set(PAIRS))
+    if unknown:
+        print(f"error: unknown pairs {unknown}; known: {list(PAIRS)}", file=sys.stderr)
+        return 1
     out = Path(args.out or tempfile.mkdtemp(prefix="real_scans_"))
     inputs = out / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     pairs = {**prepare_brain(data, inputs), **prepare_lung(data, inputs)}
-    unknown = sorted(set(args.pairs) - set(pairs))
-    if unknown:
-        print(f"error: unknown pairs {unknown}; known: {sorted(pairs)}", file=sys.stderr)
-        return 1
+    pairs.update(prepare_multimodal(pairs, inputs))
+    wanted = set(args.pairs)
+    if "thick_slice" in wanted:
+        pairs.update(prepare_thick_slice(data, inputs))
+    if "lung_dirlab" in wanted:
+        pairs.update(prepare_lung_dirlab(inputs))
     ants_ok = not args.no_ants
     if ants_ok:
         try:

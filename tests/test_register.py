@@ -130,3 +130,153 @@ def test_mutual_information_registers_across_a_contrast_change(pair, tmp_path):
     assert metrics["mi_objective_after"] > metrics["mi_objective_before"]
     assert metrics["dice_mean"] > metrics["dice_mean_before"] + 0.1
     assert metrics["folding_percent"] < 0.1
+
+
+# --- issue 14: levels from the scan, modality, masks, bad inputs --------------------------------
+
+
+def test_levels_shrink_fine_axes_first_and_stop_by_cost_and_motion():
+    from adreg_jax.registration import levels
+
+    # 0.5 x 0.5 x 3 mm slices: in-plane shrunk to near-isotropic voxels, the slices kept; the
+    # finest level by cost (0.5 mm: 2.8 M voxels > 1.2 M), the coarsest at >= 10 / 2.5 mm
+    thick = ((384, 384, 19), (0.5, 0.5, 3.0))
+    assert levels.deformable_levels(*thick, motion_mm=10.0) == [(8, 8, 1), (4, 4, 1), (2, 2, 1)]
+    # a moving scan of 2 mm voxels: nothing finer than 2 mm
+    assert levels.deformable_levels(*thick, 10.0, finest_mm=2.0) == [(8, 8, 1), (4, 4, 1)]
+    assert levels.affine_levels(*thick) == [(16, 16, 1), (8, 8, 1)]
+    # a 1 mm brain: 4 and 2 (2 mm: 860 k voxels); a DIR-Lab-sized CT, 20 mm of motion: 4 and 2
+    assert levels.deformable_levels((160, 192, 224), (1.0,) * 3, 10.0) == [(4,) * 3, (2,) * 3]
+    dirlab = ((141, 256, 256), (2.0, 1.95, 1.95))
+    assert levels.deformable_levels(*dirlab, motion_mm=20.0) == [(4,) * 3, (2,) * 3]
+    assert levels.level_shape((384, 384, 19), (8, 8, 1)) == (48, 48, 19)
+    np.testing.assert_allclose(levels.level_spacing((384, 384, 19), (0.5, 0.5, 3.0), (8, 8, 1)),
+                               (4.0, 4.0, 3.0))  # fmt: skip
+    assert levels.default_steps(2) == (60, 20) and levels.default_steps(4) == (60, 60, 40, 20)
+
+
+def test_smoothness_is_measured_in_millimetres():
+    import jax.numpy as jnp
+
+    from adreg_jax import ops
+    from adreg_jax.registration.deformable import smoothness_mm
+
+    velocity = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, 7, 8, 3)), jnp.float32)
+    # isotropic voxels of any size: the voxel-unit regulariser
+    for size in (1.0, 3.0):
+        got = smoothness_mm(velocity, jnp.full((3,), size))
+        np.testing.assert_allclose(got, ops.smoothness(velocity), rtol=1e-5)
+    # a ramp along axis 0 of 0.5 voxels per voxel, voxels 2 mm along it: 1 mm per 2 mm = 0.5
+    # mm/mm in one of 3 components along one of 3 axes -> 0.5^2 / 3 / 3
+    ramp = jnp.zeros((1, 6, 7, 8, 3)).at[..., 0].set(0.5 * jnp.arange(6.0)[None, :, None, None])
+    got = smoothness_mm(ramp, jnp.asarray([2.0, 1.0, 1.0]))
+    np.testing.assert_allclose(got, 0.25 / 9.0, rtol=1e-5)
+
+
+def test_ct_is_detected_and_windowed_in_hounsfield_units():
+    from adreg_jax.registration.loading import detect_modality, normalise
+
+    ct = np.full((16, 16, 16), -1000.0, np.float32)
+    ct[4:12, 4:12, 4:12] = 40.0
+    ct[6:10, 6:10, 6:10] = -850.0
+    ct[0, 0, :4] = (-400.0, 200.0, 1500.0, -3024.0)
+    assert detect_modality(ct) == "ct"
+    assert detect_modality(np.random.default_rng(0).random((16, 16, 16))) == "mr"
+    out = normalise(ct, "ct.nii.gz", "ct")  # -1000..200 HU -> 0..1, clipped
+    np.testing.assert_allclose(out[0, 0, :4], (0.5, 1.0, 1.0, 0.0))
+    np.testing.assert_allclose(out[7, 7, 7], 150.0 / 1200.0, rtol=1e-6)  # lung, -850 HU
+    np.testing.assert_allclose(out[4, 4, 4], 1040.0 / 1200.0, rtol=1e-6)  # soft tissue
+
+
+def test_masked_similarities_ignore_what_lies_outside_the_mask():
+    import jax
+    import jax.numpy as jnp
+
+    from adreg_jax import ops
+    from adreg_jax.registration.similarity import similarity_fn, weighted_mutual_information
+
+    rng = np.random.default_rng(1)
+    a = jnp.asarray(ndimage.gaussian_filter(rng.random((20, 20, 20)), 1.0), jnp.float32)
+    b = jnp.asarray(ndimage.gaussian_filter(rng.random((20, 20, 20)), 1.0), jnp.float32)
+    a = (a - a.min()) / (a.max() - a.min())
+    b = (b - b.min()) / (b.max() - b.min())
+    a, b = a[None, ..., None], b[None, ..., None]
+    mask = jnp.zeros_like(a).at[:, 4:12, 3:15, 5:16].set(1.0)
+    # unweighted, the op; inside a box mask, the MI of the box cut out (independent truth)
+    np.testing.assert_allclose(
+        weighted_mutual_information(a, b, jnp.ones_like(a)), ops.mutual_information(a, b)[0],
+        rtol=1e-4,
+    )  # fmt: skip
+    box = (slice(None), slice(4, 12), slice(3, 15), slice(5, 16))
+    np.testing.assert_allclose(
+        weighted_mutual_information(a, b, mask), ops.mutual_information(a[box], b[box])[0],
+        rtol=1e-4,
+    )  # fmt: skip
+    # the gradient with respect to the warped image vanishes outside the mask (NCC: beyond
+    # the window's reach of 2 voxels)
+    far = np.ones(a.shape, bool)
+    far[:, 2:14, 1:17, 3:18] = False
+    for name in ("ncc", "mi"):
+        grad = jax.grad(lambda x, name=name: similarity_fn(name)(x, b, mask))(a)
+        assert float(jnp.abs(grad).max()) > 0
+        assert float(jnp.abs(jnp.asarray(grad)[far]).max()) == 0.0
+
+
+def test_masks_restrict_the_registration(pair, tmp_path):
+    # Moving: the fixed blob shifted +2 voxels along axis 0, and a second blob, in the corner
+    # outside the fixed mask, that the fixed image does not have: with the mask it is ignored,
+    # the shift is recovered; the mask must lie on its image's grid.
+    moving = np.asarray(nib.load(pair["moving"]).dataobj).copy()
+    grid = np.indices(SHAPE).astype(np.float32)
+    moving += ndimage.gaussian_filter(
+        (np.sqrt(((grid - 20.0) ** 2).sum(0)) < 3).astype(np.float32), 1.0
+    )
+    mask = np.zeros(SHAPE, np.int16)
+    mask[3:21, 3:21, 3:21] = 1
+    mask[16:, 16:, 16:] = 0
+    argv = ["--fixed", pair["fixed"], "--moving", write(tmp_path / "m.nii.gz", moving)]
+    argv += ["--fixed-seg", pair["fixed_seg"], "--moving-seg", pair["moving_seg"]]
+    argv += ["--instance-steps", "40", "--quiet", "--no-png", "--out", str(pair["out"])]
+    masked = [*argv, "--fixed-mask", write(tmp_path / "mask.nii.gz", mask)]
+    assert main(masked) == 0
+    metrics = json.loads((pair["out"] / "metrics.json").read_text())
+    assert metrics["dice_mean"] > metrics["dice_mean_before"] + 0.1
+    assert metrics["folding_percent"] < 0.1
+    centre_mm = np.asarray(nib.load(str(pair["out"] / "ddf.nii.gz")).dataobj)[12, 12, 12]
+    assert centre_mm[0] == pytest.approx(4.0, abs=1.5)  # +2 voxels of 2 mm
+    other_grid = write(tmp_path / "mask_small.nii.gz", np.ones((12, 12, 12), np.int16))
+    assert main([*argv, "--moving-mask", other_grid]) == 1
+
+
+def test_bad_files_and_points_fail_in_one_line_and_write_nothing(pair, tmp_path, capsys):
+    out = tmp_path / "new_out"
+    base = ["--fixed", pair["fixed"], "--moving", pair["moving"], "--out", str(out), "--quiet"]
+    # a truncated .nii.gz
+    whole = (tmp_path / "moving.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
+    assert main([*base[:2], "--moving", str(tmp_path / "cut.nii.gz"), *base[4:]]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "cut.nii.gz" in error and "not a readable NIfTI" in error and "\n" not in error
+    # --out naming an existing file: left as it was
+    existing = tmp_path / "results.txt"
+    existing.write_text("keep")
+    assert main([*base[:4], "--out", str(existing)]) == 1
+    assert "results.txt" in capsys.readouterr().err and existing.read_text() == "keep"
+    # a point outside its image, named by file and line (comments and blank lines counted)
+    inside = "# x y z\n3 4 5\n\n6 7 8\n1 1 1\n"
+    outside = "# x y z\n3 4 5\n\n6 7 8\n1000 1 1\n"
+    for flag, other in (
+        ("--fixed-points", "--moving-points"),
+        ("--moving-points", "--fixed-points"),
+    ):
+        (tmp_path / "bad.txt").write_text(outside)
+        (tmp_path / "good.txt").write_text(inside)
+        argv = [*base, flag, str(tmp_path / "bad.txt"), other, str(tmp_path / "good.txt")]
+        assert main(argv) == 1
+        error = capsys.readouterr().err
+        assert f"{flag} {tmp_path / 'bad.txt'} line 5" in error and "outside" in error
+    # a mask on another grid than its image
+    small = write(tmp_path / "small.nii.gz", np.ones((8, 8, 8), np.int16))
+    assert main([*base, "--fixed-mask", small]) == 1
+    assert "--fixed-mask" in capsys.readouterr().err
+    assert not out.exists()

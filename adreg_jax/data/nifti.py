@@ -16,7 +16,17 @@ import numpy as np
 
 from adreg_jax.data import preprocess
 
-PAIR_KEYS = ("fixed", "moving", "fixed_seg", "moving_seg", "fixed_points", "moving_points")
+# the masks are adreg-register's (--pairs columns); the training pipeline reads the others
+PAIR_KEYS = (
+    "fixed",
+    "moving",
+    "fixed_seg",
+    "moving_seg",
+    "fixed_points",
+    "moving_points",
+    "fixed_mask",
+    "moving_mask",
+)
 
 
 def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -30,9 +40,12 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise FileNotFoundError(f"NIfTI file {path} missing")
     try:
         image = nib.as_closest_canonical(nib.load(str(path)))
+        # the data are read here: a truncated .nii.gz fails now (EOFError, zlib.error, ...)
+        array = np.asarray(image.dataobj)
     except Exception as err:  # nibabel raises several types for unreadable files
-        raise ValueError(f"{path}: not a readable NIfTI file ({err})") from err
-    array = np.asarray(image.dataobj)
+        raise ValueError(
+            f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})"
+        ) from err
     preprocess.check_finite(array, str(path))
     return array, np.asarray(image.affine, np.float64)
 

@@ -19,7 +19,9 @@ import numpy as np
 import optax
 
 from adreg_jax import ops
-from adreg_jax.registration.deformable import level_shape, resize_image, similarity_fn
+from adreg_jax.registration.deformable import resize_image
+from adreg_jax.registration.levels import affine_levels, level_shape
+from adreg_jax.registration.similarity import similarity_fn
 
 
 def affine_ddf(matrix: jnp.ndarray, translation: jnp.ndarray, shape: Sequence[int]):
@@ -45,22 +47,24 @@ def optimise_affine(
     moving: jnp.ndarray,
     similarity: str = "ncc",
     steps: int = 100,
-    factors: Sequence[int] | None = None,
+    factors: Sequence[int | Sequence[int]] | None = None,
     learning_rate: float = 0.01,
     progress: bool = True,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
 ):
     """Adam on (M, t) over coarse levels, starting from the centre-of-mass translation; returns
     (M, t) for ``affine_ddf``. Images (1, D, H, W, 1) on the fixed grid.
 
-    ``factors``: the downsampling of each level; by default the two coarsest of 8, 4, 2, 1 that
-    keep at least 16 voxels along every axis ((8, 4) for a 1 mm brain; an affine map is
-    determined by coarse images, and there a step costs milliseconds).
+    ``factors``: the downsampling of each level (one number, or one per axis); by default
+    ``levels.affine_levels`` of the fixed grid's shape and ``spacing`` (mm): voxels of about 8
+    and 4 mm, near isotropic ((8, 8, 8), (4, 4, 4) for a 1 mm brain; (16, 16, 1), (8, 8, 1) for
+    0.5 x 0.5 x 3 mm slices).
     """
     from tqdm import tqdm
 
     shape = fixed.shape[1:4]
     if factors is None:
-        factors = [f for f in (8, 4, 2, 1) if min(shape) // f >= 16][:2] or [1]
+        factors = affine_levels(shape, spacing)
     half = np.asarray(shape, np.float64) / 2.0
     shift = centre_of_mass(moving[0, ..., 0]) - centre_of_mass(fixed[0, ..., 0])
     params = {"matrix": jnp.zeros((3, 3)), "translation": jnp.asarray(shift / half, jnp.float32)}

@@ -51,7 +51,7 @@ import numpy as np
 from adreg_jax.data.nifti import read_points, save_nifti
 from adreg_jax.registration.cohort import run_cohort
 from adreg_jax.registration.deformable import SIMILARITIES
-from adreg_jax.registration.loading import load_volume
+from adreg_jax.registration.loading import MODALITIES, load_volume
 from adreg_jax.registration.pipeline import register_pair
 from adreg_jax.registration.transform import Grid
 from adreg_jax.registration.transform_io import load_transform
@@ -60,6 +60,9 @@ from adreg_jax.registration.transform_io import load_transform
 def register(args: argparse.Namespace) -> dict:
     """One pair (``--fixed``, ``--moving``) or a cohort (``--pairs``); the metrics or the cohort's
     summary."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file of that name exists; expected a folder to write to")
     if args.pairs:
         given = [flag for flag in PAIR_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_"))]
         if given:
@@ -70,11 +73,8 @@ def register(args: argparse.Namespace) -> dict:
         return run_cohort(args)
     if not (args.fixed and args.moving):
         raise ValueError("give --fixed and --moving (one pair) or --pairs FILE (a cohort)")
-    pair = {
-        key: getattr(args, key)
-        for key in ("fixed", "moving", "fixed_seg", "moving_seg", "fixed_points", "moving_points")
-        if getattr(args, key)
-    }
+    keys = ("fixed_seg", "moving_seg", "fixed_points", "moving_points", "fixed_mask", "moving_mask")
+    pair = {key: getattr(args, key) for key in ("fixed", "moving", *keys) if getattr(args, key)}
     return register_pair(pair, args, Path(args.out))
 
 
@@ -85,6 +85,8 @@ PAIR_FLAGS = (
     "--moving-seg",
     "--fixed-points",
     "--moving-points",
+    "--fixed-mask",
+    "--moving-mask",
 )
 
 
@@ -107,6 +109,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fixed-points")
     parser.add_argument("--moving-points")
     parser.add_argument(
+        "--fixed-mask",
+        help="the similarity counts only the voxels inside (nonzero); on the fixed image's grid",
+    )
+    parser.add_argument(
+        "--moving-mask",
+        help="the similarity counts only the points that map inside (nonzero); on the moving "
+        "image's grid",
+    )
+    parser.add_argument(
+        "--modality",
+        default="auto",
+        choices=MODALITIES,
+        help="intensity handling: ct (a Hounsfield window, -1000 to 200 HU), mr (0.5 to 99.5 "
+        "percentiles); auto: ct when 1 %% of the voxels are at -500 or below",
+    )
+    parser.add_argument(
         "--similarity",
         default="ncc",
         choices=SIMILARITIES,
@@ -122,17 +140,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--instance-steps",
         type=int,
         nargs="+",
-        default=[60, 20],
+        default=None,
         help="Adam steps of the instance optimisation, one number for every level or one per "
-        "level (0: network prediction, or affine, only)",
+        "level (0: network prediction, or affine, only; default: 60 at the coarsest level, 20 "
+        "at the finest, 40 between)",
     )
     parser.add_argument(
         "--levels",
         type=int,
         nargs="+",
         default=None,
-        help="downsampling factor of each instance-optimisation level, coarse to fine "
-        "(default: two levels, the finer at about 2 mm voxels: 4 2 for 1 mm scans)",
+        help="downsampling factor of each instance-optimisation level, coarse to fine, the same "
+        "along every axis (default: chosen from the scan's size and spacing per axis, see "
+        "registration.levels: 4 2 for a 1 mm brain or a 2 mm CT)",
+    )
+    parser.add_argument(
+        "--motion-mm",
+        type=float,
+        default=None,
+        help="the largest motion expected; the coarsest level is coarse enough to capture it "
+        "(default: 20 for CT, 10 for MR)",
     )
     parser.add_argument(
         "--grid-factor",
@@ -148,7 +175,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--learning-rate", type=float, default=0.1)
     parser.add_argument(
-        "--smooth-weight", type=float, default=0.25, help="weight of the velocity's smoothness"
+        "--smooth-weight",
+        type=float,
+        default=None,
+        help="weight of the velocity's smoothness (its gradient in mm per mm; default 1 for CT, "
+        "0.25 for MR)",
     )
     parser.add_argument(
         "--inverse",

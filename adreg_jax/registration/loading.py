@@ -1,26 +1,47 @@
 """Scans from files to the arrays the registration stages see: the first step of adreg-register.
 
 Where this sits: NIfTI files -> **loading** (canonical RAS+ arrays and affines, intensities
-normalised to [0, 1], the moving scan and its labels resampled onto the fixed grid through both
-affines, point files mapped to fixed-grid voxels) -> affine stage -> deformable stage -> outputs.
+normalised to [0, 1] by modality, the moving scan, its labels and mask resampled onto the fixed
+grid through both affines, point files checked against their images and mapped to fixed-grid
+voxels) -> affine stage -> deformable stage -> outputs.
+
+Intensities: MR between its 0.5 and 99.5 percentiles; CT (detected from its values, or
+``--modality ct``) through a fixed Hounsfield window, ``CT_WINDOW_HU``, so that the lungs (-1000
+to -500 HU) get 40 % of the range whatever bone, metal or the field of view's padding hold.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from adreg_jax.data.nifti import load_nifti
 
+MODALITIES = ("auto", "ct", "mr")
+# Air to soft tissue and contrast-filled vessels: the lung parenchyma, its vessels and airways,
+# the chest wall and the diaphragm all keep contrast; bone saturates.
+CT_WINDOW_HU = (-1000.0, 200.0)
 
-def normalise(volume: np.ndarray, path: str) -> np.ndarray:
-    """Intensities mapped to [0, 1] between the 0.5 and 99.5 percentiles (clipped)."""
+
+def detect_modality(volume: np.ndarray) -> str:
+    """ "ct" when the image holds Hounsfield units: at least 1 % of its voxels at -500 or below
+    (air, lungs, the padding outside the field of view); MR intensities are not negative."""
+    return "ct" if np.percentile(volume, 1.0) <= -500.0 else "mr"
+
+
+def normalise(volume: np.ndarray, path: str, modality: str = "mr") -> np.ndarray:
+    """Intensities mapped to [0, 1], clipped: CT linearly over ``CT_WINDOW_HU``, MR (and anything
+    else) between its 0.5 and 99.5 percentiles."""
     volume = volume.astype(np.float32)
-    low, high = np.percentile(volume, (0.5, 99.5))
-    if not high > low:
-        raise ValueError(f"{path}: the image is empty (constant intensity {low})")
+    if modality == "ct":
+        low, high = CT_WINDOW_HU
+    else:
+        low, high = np.percentile(volume, (0.5, 99.5))
+    if not np.ptp(volume) > 0 or not high > low:
+        raise ValueError(f"{path}: the image is empty (constant intensity {volume.flat[0]})")
     return np.clip((volume - low) / (high - low), 0.0, 1.0)
 
 
@@ -58,6 +79,47 @@ def moving_points_on_fixed_grid(points, moving_affine, fixed_affine) -> np.ndarr
     return points @ voxel_map[:3, :3].T + voxel_map[:3, 3]
 
 
+def check_on_image_grid(volume, affine, image_shape, image_affine, flag: str, path: str) -> None:
+    """A label map or mask must lie on its image's grid (same shape and affine)."""
+    if volume.shape != tuple(image_shape) or not np.allclose(affine, image_affine, atol=1e-4):
+        raise ValueError(
+            f"{flag} {path}: grid {volume.shape} differs from its image's {tuple(image_shape)} "
+            f"(or its affine does); expected it on the image's grid"
+        )
+
+
+def load_mask(path: str, flag: str, image_shape, image_affine) -> np.ndarray:
+    """A mask (nonzero = inside) on its image's grid, as float32 0/1."""
+    mask, affine = load_volume(path, flag)
+    check_on_image_grid(mask, affine, image_shape, image_affine, flag, path)
+    mask = (mask != 0).astype(np.float32)
+    if not mask.any():
+        raise ValueError(f"{flag} {path}: the mask is empty (no nonzero voxel)")
+    return mask
+
+
+def check_points_inside(points: np.ndarray, shape, path: str, flag: str) -> None:
+    """Every point (0-based voxel coordinates) must lie inside its image, [0, n - 1] per axis;
+    the error names the file's line of the first that does not."""
+    outside = np.any((points < -1e-3) | (points > np.asarray(shape) - 1 + 1e-3), axis=1)
+    if not outside.any():
+        return
+    index = int(np.argmax(outside))
+    # np.loadtxt skips blank lines and '#' comments: count them back to name the file's line
+    lines = [
+        number
+        for number, line in enumerate(Path(path).read_text().splitlines(), start=1)
+        if line.split("#", 1)[0].strip()
+    ]
+    line = lines[index] if index < len(lines) else index + 1
+    point = tuple(np.round(points[index].astype(np.float64), 3).tolist())
+    raise ValueError(
+        f"{flag} {path} line {line}: point {point} lies "
+        f"outside its image (voxel coordinates 0..n-1 of shape {tuple(shape)}); "
+        f"{int(outside.sum())} of {len(points)} points are outside"
+    )
+
+
 def load_segmentations(
     paths: dict, fixed_info, moving_info, shape, fixed_affine
 ) -> dict[str, np.ndarray]:
@@ -71,11 +133,7 @@ def load_segmentations(
         if path is None:
             continue
         seg, seg_affine = load_volume(path, f"--{name}-seg")
-        if seg.shape != image_shape or not np.allclose(seg_affine, affine, atol=1e-4):
-            raise ValueError(
-                f"--{name}-seg {path}: grid {seg.shape} differs from its image's {image_shape} "
-                f"(or its affine does); expected the segmentation on the image's grid"
-            )
+        check_on_image_grid(seg, seg_affine, image_shape, affine, f"--{name}-seg", path)
         seg = np.rint(seg).astype(np.int32)
         if name == "moving":
             segs["moving_native"] = seg

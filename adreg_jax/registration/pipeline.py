@@ -29,13 +29,16 @@ from adreg_jax import ops
 from adreg_jax.data.nifti import read_points, save_nifti
 from adreg_jax.registration.affine import affine_warp, optimise_affine
 from adreg_jax.registration.deformable import (
-    default_levels,
+    DEFAULT_SMOOTH_WEIGHT,
     network_ddf,
     optimise_velocity,
-    similarity_fn,
     velocity_to_ddf,
 )
+from adreg_jax.registration.levels import DEFAULT_MOTION_MM, default_steps, deformable_levels
 from adreg_jax.registration.loading import (
+    check_points_inside,
+    detect_modality,
+    load_mask,
     load_segmentations,
     load_volume,
     moving_points_on_fixed_grid,
@@ -44,6 +47,7 @@ from adreg_jax.registration.loading import (
     spacing_of,
 )
 from adreg_jax.registration.metrics import dice_report, field_and_image_metrics
+from adreg_jax.registration.similarity import similarity_fn
 from adreg_jax.registration.transform import (
     Grid,
     Transform,
@@ -61,27 +65,42 @@ Loaded = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def load_scan(path: str, name: str) -> Loaded:
-    """(array in its own intensities, affine, array normalised to [0, 1]) of a 3-D scan."""
+    """(array in its own intensities, affine, array normalised to [0, 1] as its detected
+    modality) of a 3-D scan."""
     raw, affine = load_volume(path, name)
-    return raw, affine, normalise(raw, path)
+    return raw, affine, normalise(raw, path, detect_modality(raw))
+
+
+def _steps(args: argparse.Namespace, levels: int) -> list[int]:
+    """Adam steps per deformable level: ``--instance-steps`` (one number for all, or one per
+    level) or ``levels.default_steps``."""
+    if args.instance_steps is None:
+        return list(default_steps(levels))
+    if len(args.instance_steps) not in (1, levels):
+        raise ValueError(
+            f"--instance-steps {args.instance_steps}: give one number, or one per level of the "
+            f"{levels} levels{' of --levels' if args.levels else ' chosen for this scan'}"
+        )
+    return list(args.instance_steps) * (levels // len(args.instance_steps))
 
 
 def check_options(args: argparse.Namespace) -> None:
     """Reject option combinations that cannot work, before any scan is read."""
     similarity_fn(args.similarity)
-    if min(args.instance_steps) <= 0 and not args.checkpoint and not args.affine:
+    steps = args.instance_steps or [1]
+    if max(steps) <= 0 and not args.checkpoint and not args.affine:
         raise ValueError("nothing to do: give --checkpoint, --affine and/or --instance-steps > 0")
-    if args.levels and len(args.instance_steps) not in (1, len(args.levels)):
+    if args.levels and len(steps) not in (1, len(args.levels)):
         raise ValueError(
             f"--instance-steps {args.instance_steps}: give one number, or one per level of "
             f"--levels {tuple(args.levels)}"
         )
-    if args.inverse and max(args.instance_steps) > 0 and args.integration_steps <= 0:
+    if args.inverse and max(steps) > 0 and args.integration_steps <= 0:
         raise ValueError(
             "--inverse needs a diffeomorphic field: --integration-steps > 0 (with 0 the "
             "displacement itself is optimised and has no exact inverse)"
         )
-    if args.inverse and args.checkpoint and max(args.instance_steps) <= 0:
+    if args.inverse and args.checkpoint and max(steps) <= 0:
         raise ValueError(
             "--inverse needs a stationary velocity: the network's field alone has no exact "
             "inverse; add instance optimisation (--instance-steps > 0)"
@@ -109,18 +128,37 @@ def register_pair(
     check_options(args)
     fixed_raw, fixed_affine, fixed = load(pair["fixed"], "--fixed")
     moving_raw, moving_affine, moving_norm = load(pair["moving"], "--moving")
+    modality = {"fixed": detect_modality(fixed_raw), "moving": detect_modality(moving_raw)}
+    if args.modality != "auto":  # as told, not as detected
+        modality = {"fixed": args.modality, "moving": args.modality}
+        fixed = normalise(fixed_raw, pair["fixed"], args.modality)
+        moving_norm = normalise(moving_raw, pair["moving"], args.modality)
     shape = fixed_raw.shape
     moving = resample_to_grid(moving_norm, moving_affine, shape, fixed_affine, order=1)
     fixed_info, moving_info = (fixed_raw.shape, fixed_affine), (moving_raw.shape, moving_affine)
     segs = load_segmentations(pair, fixed_info, moving_info, shape, fixed_affine)
+    masks = None
+    if pair.get("fixed_mask") or pair.get("moving_mask"):
+        # a missing mask is all inside: the other one alone restricts the similarity
+        fixed_mask = np.ones(shape, np.float32)
+        moving_mask = np.ones(shape, np.float32)
+        if pair.get("fixed_mask"):
+            fixed_mask = load_mask(pair["fixed_mask"], "--fixed-mask", shape, fixed_affine)
+        if pair.get("moving_mask"):
+            native = load_mask(pair["moving_mask"], "--moving-mask", *moving_info)
+            moving_mask = resample_to_grid(native, moving_affine, shape, fixed_affine, order=1)
+        masks = tuple(jnp.asarray(m)[None, ..., None] for m in (fixed_mask, moving_mask))
     points = None
     if bool(pair.get("fixed_points")) != bool(pair.get("moving_points")):
         raise ValueError("give both --fixed-points and --moving-points, or neither")
     if pair.get("fixed_points"):
         fixed_points = read_points(pair["fixed_points"])
-        moving_points = moving_points_on_fixed_grid(
-            read_points(pair["moving_points"]), moving_affine, fixed_affine
+        check_points_inside(fixed_points, shape, pair["fixed_points"], "--fixed-points")
+        moving_native = read_points(pair["moving_points"])
+        check_points_inside(
+            moving_native, moving_raw.shape, pair["moving_points"], "--moving-points"
         )
+        moving_points = moving_points_on_fixed_grid(moving_native, moving_affine, fixed_affine)
         if fixed_points.shape != moving_points.shape:
             raise ValueError(
                 f"--fixed-points {pair['fixed_points']} has {len(fixed_points)} points but "
@@ -128,12 +166,14 @@ def register_pair(
             )
         points = (jnp.asarray(fixed_points), jnp.asarray(moving_points))
     spacing = spacing_of(fixed_affine)
-    levels = tuple(args.levels) if args.levels else default_levels(spacing)
-    if len(args.instance_steps) not in (1, len(levels)):
-        raise ValueError(
-            f"--instance-steps {args.instance_steps}: give one number, or one per level of "
-            f"--levels {levels}"
+    motion_mm = args.motion_mm or DEFAULT_MOTION_MM[modality["fixed"]]
+    if args.levels:
+        levels = [(int(f),) * 3 for f in args.levels]
+    else:
+        levels = deformable_levels(
+            shape, spacing, motion_mm, finest_mm=float(np.min(spacing_of(moving_affine)))
         )
+    steps = _steps(args, len(levels))
 
     fixed_j = jnp.asarray(fixed)[None, ..., None]
     moving_j = jnp.asarray(moving)[None, ..., None]
@@ -143,25 +183,33 @@ def register_pair(
     source = moving_j  # the moving image the deformable stage sees
     if args.affine:
         matrix, translation = optimise_affine(
-            fixed_j, moving_j, args.similarity, args.affine_steps, progress=progress
-        )
+            fixed_j, moving_j, args.similarity, args.affine_steps, progress=progress,
+            spacing=spacing,
+        )  # fmt: skip
         affine, source = jax.block_until_ready(affine_warp(matrix, translation, moving_j))
+        if masks is not None:  # the moving mask goes with the moving image
+            masks = (masks[0], affine_warp(matrix, translation, masks[1])[1])
         affine_voxel = affine_voxel_matrix(np.asarray(matrix), np.asarray(translation), shape)
     stages = {"affine": time.perf_counter() - loaded}
     initial = network_ddf(args.checkpoint, fixed_j, source) if args.checkpoint else None
     initial = jax.block_until_ready(initial)
     stages["network"] = time.perf_counter() - loaded - stages["affine"]
-    if max(args.instance_steps) > 0:
-        steps = args.instance_steps * (len(levels) // len(args.instance_steps))
+    if max(steps) > 0:
         velocity = optimise_velocity(
             fixed_j,
             source,
             steps,
             initial=initial,
             factors=levels,
+            spacing=spacing,
+            masks=masks,
             similarity=args.similarity,
             learning_rate=args.learning_rate,
-            smooth_weight=args.smooth_weight,
+            smooth_weight=(
+                DEFAULT_SMOOTH_WEIGHT[modality["fixed"]]
+                if args.smooth_weight is None
+                else args.smooth_weight
+            ),
             grid_factor=args.grid_factor,
             integration_steps=args.integration_steps,
             progress=progress,
@@ -189,7 +237,13 @@ def register_pair(
             else fixed_affine @ affine_voxel @ np.linalg.inv(fixed_affine)
         ),
     )
-    metrics = {"similarity": args.similarity, **(extra or {})}
+    metrics = {
+        "similarity": args.similarity,
+        "modality": modality,
+        "levels": [list(factors) for factors in levels],
+        "instance_steps": steps,
+        **(extra or {}),
+    }
     if args.inverse:
         inverse = inverse_transform_field(transform, velocity, args.integration_steps, affine_voxel)
         transform = Transform(

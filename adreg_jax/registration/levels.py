@@ -1,0 +1,109 @@
+"""Resolution levels of the affine and deformable stages, chosen from the scan itself.
+
+Where this sits: loading (shape, spacing, modality) -> **levels** -> affine stage and deformable
+stage, which resize the images of each level to ``level_shape(shape, factors)``.
+
+A level is a per-axis integer downsampling (shrink) factor. As ANTs' shrink factors do, a level
+aimed at voxels of ``target_mm`` shrinks the fine axes more than the coarse ones, so that the
+voxels of coarse levels are near isotropic (a 0.5 x 0.5 x 3 mm scan at a 4 mm level: factors
+8, 8, 1), and no axis is shrunk below a few voxels.
+
+Deformable levels run coarse to fine, doubling the voxel size between levels:
+- the finest is the finest voxel size (the fixed scan's smallest spacing times a power of two,
+  no finer than the moving scan's smallest spacing) whose level holds at most
+  ``MAX_LEVEL_VOXELS``: the cost of a step grows with the voxels, and a
+  full-resolution level of a 1 mm brain or a DIR-Lab CT would cost 8 times the next coarser
+  (measured: a DIR-Lab-sized CT spent 66 of 81 s at full resolution, for a worse result);
+- the coarsest has voxels of at least ``motion_mm / CAPTURE_VOXELS``: the local similarity
+  (a window of 5 voxels) and the control grid (twice as coarse) then reach across the largest
+  expected motion (``DEFAULT_MOTION_MM``: 20 mm of breathing for CT, 10 mm for MR after an affine
+  alignment).
+For a 1 mm brain this gives factors 4 and 2 (the levels the command used before), for CT at
+2 mm voxels 4 and 2 (was 2 and 1), for a 0.5 x 0.5 x 3 mm MR (8, 8, 1), (4, 4, 1), (2, 2, 1),
+and (8, 8, 1), (4, 4, 1) when the moving scan has 2 mm voxels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+Factors = tuple[int, int, int]
+
+MAX_LEVEL_VOXELS = 1_200_000
+CAPTURE_VOXELS = 2.5
+DEFAULT_MOTION_MM = {"ct": 20.0, "mr": 10.0}
+AFFINE_COARSE_MM = 8.0
+# instance-optimisation Adam steps per level, finest last, for 1, 2, 3, ... levels
+DEFAULT_STEPS = {1: (60,), 2: (60, 20), 3: (60, 40, 20)}
+
+
+def level_shape(shape: Sequence[int], factors: int | Sequence[int]) -> tuple[int, ...]:
+    """The grid ``factors`` times coarser than ``shape`` (one factor, or one per axis; at least 4
+    voxels per axis)."""
+    factors = [factors] * len(shape) if np.isscalar(factors) else list(factors)
+    return tuple(max(4, int(n) // int(f)) for n, f in zip(shape, factors, strict=True))
+
+
+def level_spacing(shape: Sequence[int], spacing: Sequence[float], factors) -> np.ndarray:
+    """(3,) voxel size in mm of the level's grid (the same extent as the scan's)."""
+    coarse = np.asarray(level_shape(shape, factors), np.float64)
+    return np.asarray(spacing, np.float64) * np.asarray(shape, np.float64) / coarse
+
+
+def shrink_factors(
+    shape: Sequence[int], spacing: Sequence[float], target_mm: float, min_size: int = 8
+) -> Factors:
+    """Per-axis factors that bring the voxels closest to ``target_mm`` (never below 1, never
+    leaving fewer than ``min_size`` voxels along an axis that had more)."""
+    factors = []
+    for n, s in zip(shape, spacing, strict=True):
+        wanted = max(1, int(round(float(target_mm) / float(s))))
+        factors.append(max(1, min(wanted, int(n) // min_size)))
+    return tuple(factors)
+
+
+def deformable_levels(
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    motion_mm: float,
+    max_voxels: int = MAX_LEVEL_VOXELS,
+    finest_mm: float = 0.0,
+) -> list[Factors]:
+    """Per-axis factors of each deformable level, coarse to fine (see the module docstring);
+    ``finest_mm``: no level finer than this (the moving scan's smallest spacing: its detail ends
+    there)."""
+    target = float(np.min(spacing))
+    while target * 1.1 < finest_mm:
+        target *= 2.0
+    while np.prod(level_shape(shape, shrink_factors(shape, spacing, target))) > max_voxels:
+        target *= 2.0
+    targets = [target]
+    # 10 % slack: 2 mm voxels doubled twice (7.8 mm) are coarse enough for 8 mm
+    while targets[-1] * 1.1 < motion_mm / CAPTURE_VOXELS and len(targets) < 6:
+        targets.append(2.0 * targets[-1])
+    levels = []
+    for target in reversed(targets):
+        factors = shrink_factors(shape, spacing, target)
+        if not levels or factors != levels[-1]:
+            levels.append(factors)
+    return levels
+
+
+def affine_levels(shape: Sequence[int], spacing: Sequence[float]) -> list[Factors]:
+    """Per-axis factors of the affine stage's two levels: voxels of about ``AFFINE_COARSE_MM``
+    (each axis keeping at least 16 voxels), then half those factors; an affine map is determined
+    by coarse images, and there a step costs milliseconds. (8, 8, 8), (4, 4, 4) for a 1 mm brain;
+    (16, 16, 1), (8, 8, 1) for 0.5 x 0.5 x 3 mm slices; (2, 2, 2), (1, 1, 1) for a 32^3 image."""
+    coarse = shrink_factors(shape, spacing, AFFINE_COARSE_MM, min_size=16)
+    fine = tuple(max(1, f // 2) for f in coarse)
+    return [coarse] if fine == coarse else [coarse, fine]
+
+
+def default_steps(levels: int) -> tuple[int, ...]:
+    """Adam steps of each of ``levels`` deformable levels, coarse to fine: most where a step is
+    cheap and the motion is large; 60 at the coarsest and 20 at the finest."""
+    if levels in DEFAULT_STEPS:
+        return DEFAULT_STEPS[levels]
+    return (60,) * (levels - 2) + (40, 20)
