@@ -31,6 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.diffeomorphic = False
     model.integration_steps = 7
     model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (parameters stay float32)
+    # 3-D convolutions: "auto" = "folded" (depth taps as 2-D convolutions, fast on XLA:CPU) on a
+    # CPU, "native" (lax.conv_general_dilated, cuDNN) elsewhere; same parameters either way.
+    model.conv_impl = "auto"
+    model.remat = False  # recompute each conv block in the backward pass: less memory, more time
 
     # --- data (adreg_jax.data) ---------------------------------------------------------------
     data = config.data = ml_collections.ConfigDict()

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from adreg_jax import ops
 from adreg_jax.models.attention import BidirectionalCrossAttention, RegionalAdaptiveAttention
 from adreg_jax.models.backbone import ConvBlock, DecoderStage, Encoder
+from adreg_jax.models.conv import conv
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -42,11 +43,12 @@ ABLATIONS: dict[str, dict[str, bool]] = {
 }
 
 
-def _ddf_head(name: str, dtype: Any) -> nn.Conv:
+def _ddf_head(name: str, dtype: Any, conv_impl: str) -> nn.Conv:
     # Near-zero initial weights: an untrained model predicts (almost) the identity map.
-    return nn.Conv(
+    return conv(
         3,
         (3, 3, 3),
+        conv_impl,
         padding=1,
         dtype=dtype,
         kernel_init=nn.initializers.normal(1e-5),
@@ -74,6 +76,8 @@ class ADRegNet(nn.Module):
     diffeomorphic: bool = False
     integration_steps: int = 7
     dtype: str = "float32"
+    conv_impl: str = "auto"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, fixed: jnp.ndarray, moving: jnp.ndarray) -> dict[str, Any]:
@@ -101,7 +105,13 @@ class ADRegNet(nn.Module):
         # One encoder, both images: stacking on the batch axis shares the weights by construction.
         batch = fixed.shape[0]
         encoder = Encoder(
-            self.channels, self.convs_per_level, self.norm, self.leaky_relu_slope, dtype
+            self.channels,
+            self.convs_per_level,
+            self.norm,
+            self.leaky_relu_slope,
+            dtype,
+            self.conv_impl,
+            self.remat,
         )
         pyramid = encoder(jnp.concatenate([fixed_p, moving_p], axis=0))
 
@@ -125,7 +135,7 @@ class ADRegNet(nn.Module):
             x, region_weights = RegionalAdaptiveAttention(
                 tuple(self.region_size), self.region_heads, dtype, name="raa"
             )(x)
-        x = ConvBlock(self.channels[-1], self.norm, self.leaky_relu_slope, dtype)(x)
+        x = ConvBlock(self.channels[-1], self.norm, self.leaky_relu_slope, dtype, self.conv_impl)(x)
 
         # Decoder: features per level, coarsest first.
         decoded = [x]
@@ -136,6 +146,8 @@ class ADRegNet(nn.Module):
                 self.norm,
                 self.leaky_relu_slope,
                 dtype,
+                self.conv_impl,
+                self.remat,
                 name=f"decoder_level{level}",
             )(x, joint[level])
             decoded.append(x)
@@ -145,25 +157,34 @@ class ADRegNet(nn.Module):
             ddf = None
             for index, feats in enumerate(decoded):
                 level = levels - 1 - index
-                head = _ddf_head(f"ddf_head_level{level}", dtype)(feats).astype(jnp.float32)
+                head = _ddf_head(f"ddf_head_level{level}", dtype, self.conv_impl)(feats).astype(
+                    jnp.float32
+                )
                 if ddf is None:
                     ddf = head
                 else:
                     upsampled = ops.resize_ddf(ddf, feats.shape[1:4])
                     gate_in = jnp.concatenate([feats, upsampled.astype(feats.dtype)], axis=-1)
-                    gate = nn.Conv(16, (3, 3, 3), padding=1, dtype=dtype, name=f"blend{level}_a")(
-                        gate_in
-                    )
+                    gate = conv(
+                        16,
+                        (3, 3, 3),
+                        self.conv_impl,
+                        padding=1,
+                        dtype=dtype,
+                        name=f"blend{level}_a",
+                    )(gate_in)
                     gate = nn.leaky_relu(gate, self.leaky_relu_slope)
-                    gate = nn.Conv(1, (3, 3, 3), padding=1, dtype=dtype, name=f"blend{level}_b")(
-                        gate
-                    )
+                    gate = conv(
+                        1, (3, 3, 3), self.conv_impl, padding=1, dtype=dtype, name=f"blend{level}_b"
+                    )(gate)
                     weight = jax.nn.sigmoid(gate.astype(jnp.float32))
                     ddf = weight * head + (1.0 - weight) * upsampled
                     blend_weights.append(weight)
                 level_ddfs.append(ddf)
         else:
-            ddf = _ddf_head("ddf_head_level0", dtype)(decoded[-1]).astype(jnp.float32)
+            ddf = _ddf_head("ddf_head_level0", dtype, self.conv_impl)(decoded[-1]).astype(
+                jnp.float32
+            )
             level_ddfs.append(ddf)
 
         outputs: dict[str, Any] = {}

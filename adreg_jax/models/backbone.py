@@ -13,6 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from adreg_jax.models.conv import ConvTranspose, conv
+
 
 def make_norm(kind: str, dtype: Any) -> nn.Module | None:
     """Normalisation after each conv: instance (default, batch-size independent, no running
@@ -33,15 +35,41 @@ class ConvBlock(nn.Module):
     norm: str = "instance"
     negative_slope: float = 0.2
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         norm = make_norm(self.norm, self.dtype)
         # A bias in front of a normalisation is cancelled by it: zero gradient, wasted memory.
-        x = nn.Conv(self.features, (3, 3, 3), padding=1, use_bias=norm is None, dtype=self.dtype)(x)
+        x = conv(
+            self.features,
+            (3, 3, 3),
+            self.conv_impl,
+            padding=1,
+            use_bias=norm is None,
+            dtype=self.dtype,
+        )(x)
         if norm is not None:
             x = norm(x)
         return nn.leaky_relu(x, self.negative_slope)
+
+
+def conv_blocks(parent: nn.Module, x: jnp.ndarray, features: int, count: int, first: int):
+    """``count`` ConvBlocks of ``parent`` (fields norm, negative_slope, dtype, conv_impl, remat),
+    named ConvBlock_{first}, ... as linen would auto-name them, so that the parameter tree is the
+    same with and without rematerialisation (``nn.remat`` keeps only each block's input for the
+    backward pass and recomputes the rest)."""
+    block = nn.remat(ConvBlock) if parent.remat else ConvBlock
+    for index in range(first, first + count):
+        x = block(
+            features,
+            parent.norm,
+            parent.negative_slope,
+            parent.dtype,
+            parent.conv_impl,
+            name=f"ConvBlock_{index}",
+        )(x)
+    return x
 
 
 class Encoder(nn.Module):
@@ -56,16 +84,19 @@ class Encoder(nn.Module):
     norm: str = "instance"
     negative_slope: float = 0.2
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> list[jnp.ndarray]:
         features = []
         for level, width in enumerate(self.channels):
             if level > 0:
-                x = nn.Conv(width, (3, 3, 3), strides=2, padding=1, dtype=self.dtype)(x)
+                x = conv(width, (3, 3, 3), self.conv_impl, strides=2, padding=1, dtype=self.dtype)(
+                    x
+                )
                 x = nn.leaky_relu(x, self.negative_slope)
-            for _ in range(self.convs_per_level):
-                x = ConvBlock(width, self.norm, self.negative_slope, self.dtype)(x)
+            x = conv_blocks(self, x, width, self.convs_per_level, level * self.convs_per_level)
             features.append(x)
         return features
 
@@ -78,11 +109,11 @@ class DecoderStage(nn.Module):
     norm: str = "instance"
     negative_slope: float = 0.2
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, skip: jnp.ndarray) -> jnp.ndarray:
-        x = nn.ConvTranspose(self.features, (2, 2, 2), strides=(2, 2, 2), dtype=self.dtype)(x)
+        x = ConvTranspose(self.features, (2, 2, 2), (2, 2, 2), self.conv_impl, dtype=self.dtype)(x)
         x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
-        for _ in range(self.convs_per_level):
-            x = ConvBlock(self.features, self.norm, self.negative_slope, self.dtype)(x)
-        return x
+        return conv_blocks(self, x, self.features, self.convs_per_level, 0)

@@ -1,0 +1,226 @@
+"""3-D convolutions that are fast on every backend, with one parameter tree.
+
+Why: XLA:CPU runs a 3-D ``lax.conv_general_dilated`` through a slow generic loop, while its 2-D
+convolution has a fast (Eigen) path. A 3-D convolution is a sum over the kernel's depth taps of
+2-D convolutions, with depth folded into the batch::
+
+    y[b, d] = sum_t conv2d(x_padded[b, d * s_d + t], k[t])        t = 0 .. K_d - 1
+
+and its gradients, taken by JAX through that sum, are 2-D convolutions too. On GPU/TPU (cuDNN,
+XLA:TPU) the native 3-D convolution is the fast one. A transposed convolution whose kernel equals
+its stride (the U-Net's 2x upsampling) writes non-overlapping blocks: one matrix product.
+
+``conv_impl`` chooses: ``"auto"`` (folded on CPU, native elsewhere, decided when the model is
+traced), ``"folded"`` or ``"native"``. The parameters (``kernel`` (K_d, K_h, K_w, C_in, C_out),
+``bias``) and their names are those of ``flax.linen.Conv`` / ``ConvTranspose`` whatever the choice,
+so a checkpoint trained on a GPU loads on a CPU and predicts the same field.
+
+Where this sits: every convolution of ``adreg_jax.models`` is built by ``conv`` or
+``ConvTranspose`` below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CONV_IMPLS = ("auto", "folded", "native")
+
+_CHANNELS_LAST_3D = ("NDHWC", "DHWIO", "NDHWC")
+
+
+def resolve_conv_impl(conv_impl: str) -> str:
+    """``"folded"`` or ``"native"``: ``"auto"`` is folded on the CPU backend, native elsewhere."""
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}; got {conv_impl!r}")
+    if conv_impl == "auto":
+        return "folded" if jax.default_backend() == "cpu" else "native"
+    return conv_impl
+
+
+def conv3d_folded(
+    lhs: jnp.ndarray,
+    rhs: jnp.ndarray,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    **kwargs: Any,
+) -> jnp.ndarray:
+    """``lax.conv_general_dilated`` for (B, D, H, W, C) inputs and (K_d, K_h, K_w, C, O) kernels,
+    computed as a sum over depth taps of 2-D convolutions (depth folded into the batch).
+
+    Same signature as ``lax.conv_general_dilated`` (flax's ``Conv`` calls it so); dilations,
+    feature groups and other layouts, which the models do not use, go to the native op.
+    """
+    plain = (
+        lhs.ndim == 5
+        and feature_group_count == 1
+        and all(d == 1 for d in (lhs_dilation or (1,)))
+        and all(d == 1 for d in (rhs_dilation or (1,)))
+        and not kwargs
+        and (
+            dimension_numbers is None
+            or lax.conv_dimension_numbers(lhs.shape, rhs.shape, _CHANNELS_LAST_3D)
+            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        )
+    )
+    if not plain:
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers or _CHANNELS_LAST_3D,
+            feature_group_count=feature_group_count,
+            precision=precision,
+            **kwargs,
+        )
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:4], rhs.shape[:3], window_strides, padding)
+    strides = tuple(int(s) for s in window_strides)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _conv3d(lhs, rhs, strides, pads, precision)
+
+
+def _depth_folded(lhs, rhs, strides, pads, precision):
+    """The forward sum over depth taps of 2-D convolutions."""
+    (pad_lo, pad_hi), *pads_hw = pads
+    batch, depth, height, width, channels = lhs.shape
+    taps, stride = rhs.shape[0], strides[0]
+    x = jnp.pad(lhs, ((0, 0), (pad_lo, pad_hi), (0, 0), (0, 0), (0, 0)))
+    out_depth = (depth + pad_lo + pad_hi - taps) // stride + 1
+    out = None
+    for tap in range(taps):
+        # Input slices d * stride + tap for every output depth d, folded into the batch.
+        planes = lax.slice_in_dim(x, tap, tap + (out_depth - 1) * stride + 1, stride, axis=1)
+        term = lax.conv_general_dilated(
+            planes.reshape(batch * out_depth, height, width, channels),
+            rhs[tap],
+            strides[1:],
+            pads_hw,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=precision,
+        )
+        out = term if out is None else out + term
+    return out.reshape(batch, out_depth, *out.shape[1:])
+
+
+def kernel_gradient(lhs, cotangent, kernel_shape, strides, pads, precision=None):
+    """d(sum(conv(lhs, k) * cotangent)) / dk, (K_d, K_h, K_w, C, O): one output plane at a time.
+
+    For each output plane (b, d) the input patches form a (H_out * W_out, K_d K_h K_w C) matrix
+    P and the plane adds ``P^T @ cotangent[b, d]``. A plane's P fits in cache, where XLA's own
+    kernel-gradient convolution transposes both full volumes and was 2-4x slower on CPU.
+    """
+    taps_d, taps_h, taps_w = kernel_shape
+    stride_d, stride_h, stride_w = strides
+    batch, out_depth, out_height, out_width, out_channels = cotangent.shape
+    channels = lhs.shape[-1]
+    x = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
+    _, _, padded_h, padded_w, _ = x.shape
+
+    def add_plane(index, total):
+        b, d = index // out_depth, index % out_depth
+        slab = lax.dynamic_slice(
+            x, (b, d * stride_d, 0, 0, 0), (1, taps_d, padded_h, padded_w, channels)
+        )[0]
+        columns = [
+            lax.slice(
+                slab[t],
+                (i, j, 0),
+                (i + (out_height - 1) * stride_h + 1, j + (out_width - 1) * stride_w + 1, channels),
+                (stride_h, stride_w, 1),
+            )
+            for t in range(taps_d)
+            for i in range(taps_h)
+            for j in range(taps_w)
+        ]
+        patches = jnp.concatenate(columns, axis=-1).reshape(out_height * out_width, -1)
+        plane = lax.dynamic_slice(
+            cotangent, (b, d, 0, 0, 0), (1, 1, out_height, out_width, out_channels)
+        ).reshape(out_height * out_width, out_channels)
+        return total + lax.dot_general(
+            patches, plane, (((0,), (0,)), ((), ())), precision=precision
+        ).astype(total.dtype)
+
+    total = jnp.zeros((taps_d * taps_h * taps_w * channels, out_channels), jnp.float32)
+    total = lax.fori_loop(0, batch * out_depth, add_plane, total)
+    return total.reshape(taps_d, taps_h, taps_w, channels, out_channels)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv3d(lhs, rhs, strides, pads, precision):
+    return _depth_folded(lhs, rhs, strides, pads, precision)
+
+
+def _conv3d_forward(lhs, rhs, strides, pads, precision):
+    return _depth_folded(lhs, rhs, strides, pads, precision), (lhs, rhs)
+
+
+def _conv3d_backward(strides, pads, precision, residuals, cotangent):
+    lhs, rhs = residuals
+    # The input gradient: JAX's transpose of the 2-D convolutions (2-D convolutions again).
+    _, input_vjp = jax.vjp(lambda x: _depth_folded(x, rhs, strides, pads, precision), lhs)
+    (d_lhs,) = input_vjp(cotangent)
+    d_rhs = kernel_gradient(lhs, cotangent, rhs.shape[:3], strides, pads, precision)
+    return d_lhs, d_rhs.astype(rhs.dtype)
+
+
+_conv3d.defvjp(_conv3d_forward, _conv3d_backward)
+
+
+def conv(features: int, kernel_size: Sequence[int], conv_impl: str, **kwargs: Any) -> nn.Conv:
+    """A ``flax.linen.Conv`` (same parameters, same names) that runs ``conv_impl``."""
+    function: Callable | None = None
+    if resolve_conv_impl(conv_impl) == "folded":
+        function = conv3d_folded
+    return nn.Conv(features, tuple(kernel_size), conv_general_dilated=function, **kwargs)
+
+
+class ConvTranspose(nn.Module):
+    """``flax.linen.ConvTranspose`` (padding "SAME", same parameters and names) for 3-D inputs.
+
+    When the kernel equals the stride (the U-Net's upsampling) and ``conv_impl`` resolves to
+    folded, the output blocks do not overlap and ``y[s*i + a] = x[i] @ kernel[K - 1 - a] + bias``
+    (lax.conv_transpose flips the kernel): one matrix product instead of a convolution.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: Sequence[int]
+    conv_impl: str = "auto"
+    use_bias: bool = True
+    dtype: Any = None
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel_size, strides = tuple(self.kernel_size), tuple(self.strides)
+        kernel = self.param(
+            "kernel", self.kernel_init, kernel_size + (x.shape[-1], self.features), jnp.float32
+        )
+        bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if resolve_conv_impl(self.conv_impl) == "folded" and kernel_size == strides:
+            batch, *spatial, _ = x.shape
+            flipped = kernel[::-1, ::-1, ::-1]
+            y = jnp.einsum("bdhwc,xyzco->bdxhywzo", x, flipped)
+            y = y.reshape(batch, *(n * s for n, s in zip(spatial, strides, strict=True)), -1)
+        else:
+            y = lax.conv_transpose(x, kernel, strides, "SAME", dimension_numbers=_CHANNELS_LAST_3D)
+        if bias is not None:
+            y = y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
+        return y
