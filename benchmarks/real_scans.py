@@ -27,6 +27,15 @@ Pairs (moving -> fixed):
                 moving up to 12 mm superior-inferior, 4 mm anterior-posterior chest expansion,
                 both fading outside the lungs); TRE on the 10 elastix landmarks and 100 points
                 inside the lung mask, whose true positions the applied motion gives.
+  lung_dirlab   DIR-Lab size: the generated breathing thorax (adreg_jax.data.generated_lung) at
+                141 x 256 x 256, 2 x 1.95 x 1.95 mm, in HU with noise, diaphragm moving 20 mm;
+                TRE on its vessel landmarks in the lungs (known truth: the phantom's motion).
+  mni_t2_to_scan  mni_to_scan with the template remapped to a T2-like contrast (CSF bright, GM
+                above WM), ``--similarity mi``: Dice beside the same-contrast pair.
+  thick_slice   one brain as a thick-slice multi-modal pair: T1 at 0.5 x 0.5 x 3 mm (320 x 384 x
+                18) and the T2-like contrast at 2 x 2 x 3 mm (80 x 96 x 18) through a known smooth
+                motion (up to 4 mm) and a 4 degree rotation; ``--affine --similarity mi``, Dice
+                on GM/WM.
 
 Methods: before; AD-RegNet (network only, ``--checkpoint``); AD-RegNet + instance optimisation;
 instance optimisation alone (no trained model); the U-Net baseline (network only); ANTs SyN
