@@ -7,9 +7,9 @@ What one process saves over one command per pair: the interpreter and JAX start 
 compiled program (the stages' jitted steps are cached by their options, then by shapes) is traced
 and compiled, or read from the persistent cache, once; a scan named by several pairs (an atlas)
 is read and normalised once. A pair whose folder holds ``metrics.json`` (written last) is done:
-a rerun after a kill registers only the rest. With several local devices, each device takes the
-next pair from a shared queue in its own thread (``jax.default_device``), so pairs are spread
-over them.
+a rerun after a kill registers only the rest. Pairs come from one queue, taken by
+``WORKERS_PER_DEVICE`` threads per local device (``jax.default_device``): with several devices
+the pairs are spread over them.
 
 The pair list is ``data.nifti.read_pair_list``'s format: CSV with a header (or JSON), columns
 ``fixed``, ``moving`` and optionally ``fixed_seg``, ``moving_seg``, ``fixed_points``,
@@ -34,6 +34,10 @@ from adreg_jax.data.nifti import PAIR_KEYS, read_pair_list
 from adreg_jax.registration.pipeline import Loaded, check_options, load_scan, register_pair
 
 TABLE = "metrics.csv"
+# Pairs in flight per device. Two let one pair's host work (gzip, matplotlib) overlap another's
+# optimisation, but measured slower on a loaded 2-core CPU (ten 1 mm brain pairs: 458 s with
+# two, 433 s with one; benchmarks/registration_outputs.py), and they hold twice the volumes.
+WORKERS_PER_DEVICE = 1
 
 
 def _stem(path: str) -> str:
@@ -98,9 +102,12 @@ def write_table(out: Path, pairs: list[tuple[str, dict[str, str]]]) -> int:
     return len(rows)
 
 
-def run_cohort(args: argparse.Namespace, devices: list | None = None) -> dict:
+def run_cohort(
+    args: argparse.Namespace, devices: list | None = None, workers_per_device: int | None = None
+) -> dict:
     """Register every pair of ``args.pairs`` not done yet into ``args.out/<name>/``; the table of
-    all finished pairs in ``args.out/metrics.csv``. ``devices``: default all local devices."""
+    all finished pairs in ``args.out/metrics.csv``. ``devices``: default all local devices;
+    ``workers_per_device``: default ``WORKERS_PER_DEVICE``."""
     started = time.perf_counter()
     check_options(args)
     pairs = read_cohort(args.pairs)
@@ -110,9 +117,11 @@ def run_cohort(args: argparse.Namespace, devices: list | None = None) -> dict:
         (name, pair) for name, pair in pairs if not (out / name / "metrics.json").is_file()
     )
     skipped = len(pairs) - len(todo)
-    devices = list(devices or jax.local_devices())[: max(1, len(todo))]
+    devices = list(devices or jax.local_devices())
+    per_device = workers_per_device or WORKERS_PER_DEVICE
+    workers = [device for _ in range(per_device) for device in devices][: max(1, len(todo))]
     options = copy.copy(args)
-    options.quiet = args.quiet or len(devices) > 1  # no interleaved progress bars
+    options.quiet = args.quiet or len(workers) > 1  # no interleaved progress bars
     load = _ScanCache(pairs)
     lock = threading.Lock()
     failures: list[BaseException] = []
@@ -142,10 +151,10 @@ def run_cohort(args: argparse.Namespace, devices: list | None = None) -> dict:
                         file=sys.stderr,
                     )
 
-    if len(devices) == 1:
-        work(devices[0])
+    if len(workers) == 1:
+        work(workers[0])
     else:
-        threads = [threading.Thread(target=work, args=(device,)) for device in devices]
+        threads = [threading.Thread(target=work, args=(device,)) for device in workers]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -159,7 +168,8 @@ def run_cohort(args: argparse.Namespace, devices: list | None = None) -> dict:
         "skipped_done": skipped,
         "table": str(out / TABLE),
         "rows": rows,
-        "devices": [str(device) for device in devices],
+        "devices": sorted({str(device) for device in workers}),
+        "workers": len(workers),
         "time_s": time.perf_counter() - started,
     }
 

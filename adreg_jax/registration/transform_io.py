@@ -103,13 +103,14 @@ def load_transform(folder: str | Path) -> Transform:
         )
     try:
         record = json.loads(record_path.read_text())
-        assert record["format"] == FORMAT
+        if record.get("format") != FORMAT:
+            raise KeyError(f"format {record.get('format')!r}, expected {FORMAT!r}")
         fixed, moving = (
             Grid(tuple(record[k]["shape"]), np.asarray(record[k]["affine"], np.float64))
             for k in ("fixed", "moving")
         )
         files = record["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as error:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{record_path}: not an adreg_jax transform ({error!r})") from error
     ddf_mm = _read_field(folder, files["ddf"], fixed, "the field")
     inverse = None
