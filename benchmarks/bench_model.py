@@ -41,6 +41,10 @@ def config_for(overrides: dict, dtype: str = "float32"):
     return config
 
 
+def with_conv_impl(overrides: dict, conv_impl: str) -> dict:
+    return {**overrides, "conv_impl": conv_impl}
+
+
 def make_step(config, shape):
     model = build_model(config.model)
     batch = {
@@ -113,12 +117,15 @@ def main() -> None:
     parser.add_argument("--memory-sizes", nargs="*", default=["160x192x224", "256x256x112"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument(
+        "--conv-impls", nargs="*", default=["auto"], help="model.conv_impl values, a row each"
+    )
     args = parser.parse_args()
     time_sizes = [parse_size(s) for s in args.time_sizes]
     memory_sizes = [parse_size(s) for s in args.memory_sizes]
     platform = jax.devices()[0].platform
 
-    header = ["variant", "params"]
+    header = ["variant", "conv_impl", "params"]
     header += [f"fwd s {'x'.join(map(str, s))}" for s in time_sizes]
     header += [f"train step s {'x'.join(map(str, s))}" for s in time_sizes]
     header += [
@@ -130,9 +137,10 @@ def main() -> None:
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for name in args.variants:
-        overrides = VARIANTS[name]
-        cells = [name, f"{count_params(overrides):,}"]
+    rows = [(name, impl) for name in args.variants for impl in args.conv_impls]
+    for name, conv_impl in rows:
+        overrides = with_conv_impl(VARIANTS[name], conv_impl)
+        cells = [name, conv_impl, f"{count_params(overrides):,}"]
         timings = [time_model(overrides, s, args.runs) for s in time_sizes]
         cells += [f"{fwd:.2f}" for fwd, _ in timings] + [f"{bwd:.2f}" for _, bwd in timings]
         for shape in memory_sizes:

@@ -10,7 +10,7 @@ Peak memory is the process's peak resident set (CPU) or, on a GPU, the device's 
 Side by side with VoxelMorph 0.3.4 on PyTorch (CPU build), in one process, same U-Net channels,
 batch 1, random volumes (``pip install -e ".[bench]"``):
 
-    python benchmarks/bench_train.py --vs-voxelmorph --sizes 64 96x112x96
+    python benchmarks/bench_train.py --vs-voxelmorph --sizes 64 96x128x96
 
 VoxelMorph: ``VxmPairwise`` (its defaults: velocity integrated in 5 steps), loss = neurite's
 local NCC (window 9) + 0.01 * ``SpatialGradient`` L2, Adam. Ours: the U-Net baseline and the full
@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--vs-voxelmorph", action="store_true")
-    parser.add_argument("--sizes", nargs="*", default=["64", "96x112x96"])
+    parser.add_argument("--sizes", nargs="*", default=["64", "96x128x96"])
     parser.add_argument("--channels", type=int, nargs="*", default=[16, 32, 32, 32, 32])
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
