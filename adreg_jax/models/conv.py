@@ -10,8 +10,8 @@ and its gradients, taken by JAX through that sum, are 2-D convolutions too. On G
 XLA:TPU) the native 3-D convolution is the fast one. A transposed convolution whose kernel equals
 its stride (the U-Net's 2x upsampling) writes non-overlapping blocks: one matrix product.
 
-``conv_impl`` chooses: ``"auto"`` (folded on CPU, native elsewhere, decided when the model is
-traced), ``"folded"`` or ``"native"``. The parameters (``kernel`` (K_d, K_h, K_w, C_in, C_out),
+``conv_impl`` chooses: ``"auto"`` (folded on CPU for all but the smallest convolutions, native
+elsewhere, decided when the model is traced), ``"folded"`` or ``"native"``. The parameters (``kernel`` (K_d, K_h, K_w, C_in, C_out),
 ``bias``) and their names are those of ``flax.linen.Conv`` / ``ConvTranspose`` whatever the choice,
 so a checkpoint trained on a GPU loads on a CPU and predicts the same field.
 
@@ -33,23 +33,28 @@ from jax import lax
 
 CONV_IMPLS = ("auto", "folded", "native")
 
-# "auto" on a CPU folds only convolutions whose input has at least this many voxels: below it
-# the run time is small either way, and the folded form takes ~3x longer to compile (measured
-# at 16^3: model gradient 42 s against 15 s), which is most of the cost of small volumes.
-FOLD_MIN_VOXELS = 32**3
+# "auto" on a CPU folds only convolutions with at least this much work (input voxels x input
+# channels x output channels): below it the run time is small either way, and the folded form
+# takes ~3x longer to compile (measured at 16^3, channels 4-8: model gradient 42 s against 15 s).
+FOLD_MIN_WORK = 32**3 * 8 * 8
 
 _CHANNELS_LAST_3D = ("NDHWC", "DHWIO", "NDHWC")
 
 
-def resolve_conv_impl(conv_impl: str, spatial_shape: Sequence[int] | None = None) -> str:
-    """``"folded"`` or ``"native"``: ``"auto"`` is folded on the CPU backend for inputs of at
-    least ``FOLD_MIN_VOXELS`` voxels (or of unknown size), native otherwise."""
+def resolve_conv_impl(conv_impl: str, work: int | None = None) -> str:
+    """``"folded"`` or ``"native"``: ``"auto"`` is folded on the CPU backend for convolutions of
+    at least ``FOLD_MIN_WORK`` (voxels x C_in x C_out; None = unknown, counts as large), native
+    otherwise."""
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}; got {conv_impl!r}")
     if conv_impl == "auto":
-        small = spatial_shape is not None and math.prod(spatial_shape) < FOLD_MIN_VOXELS
+        small = work is not None and work < FOLD_MIN_WORK
         return "folded" if jax.default_backend() == "cpu" and not small else "native"
     return conv_impl
+
+
+def _work(inputs: jnp.ndarray, out_channels: int) -> int:
+    return math.prod(inputs.shape[1:]) * out_channels
 
 
 def conv3d_folded(
@@ -194,7 +199,7 @@ def conv(features: int, kernel_size: Sequence[int], conv_impl: str, **kwargs: An
     resolve_conv_impl(conv_impl)  # a bad name fails here, at build time
 
     def convolve(lhs, rhs, *args, **options):
-        if resolve_conv_impl(conv_impl, lhs.shape[1:-1]) == "folded":
+        if resolve_conv_impl(conv_impl, _work(lhs, rhs.shape[-1])) == "folded":
             return conv3d_folded(lhs, rhs, *args, **options)
         return lax.conv_general_dilated(lhs, rhs, *args, **options)
 
@@ -226,7 +231,8 @@ class ConvTranspose(nn.Module):
         )
         bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if resolve_conv_impl(self.conv_impl, x.shape[1:-1]) == "folded" and kernel_size == strides:
+        folded = resolve_conv_impl(self.conv_impl, _work(x, self.features)) == "folded"
+        if folded and kernel_size == strides:
             batch, *spatial, _ = x.shape
             flipped = kernel[::-1, ::-1, ::-1]
             y = jnp.einsum("bdhwc,xyzco->bdxhywzo", x, flipped)
