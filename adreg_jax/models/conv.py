@@ -6,14 +6,16 @@ convolution has a fast (Eigen) path. A 3-D convolution is a sum over the kernel'
 
     y[b, d] = sum_t conv2d(x_padded[b, d * s_d + t], k[t])        t = 0 .. K_d - 1
 
-and its gradients, taken by JAX through that sum, are 2-D convolutions too. On GPU/TPU (cuDNN,
+whose input gradient is a sum of 2-D convolutions too; the kernel gradient is accumulated one
+output plane at a time (``kernel_gradient``). On GPU/TPU (cuDNN,
 XLA:TPU) the native 3-D convolution is the fast one. A transposed convolution whose kernel equals
 its stride (the U-Net's 2x upsampling) writes non-overlapping blocks: one matrix product.
 
 ``conv_impl`` chooses: ``"auto"`` (folded on CPU for all but the smallest convolutions, native
-elsewhere, decided when the model is traced), ``"folded"`` or ``"native"``. The parameters (``kernel`` (K_d, K_h, K_w, C_in, C_out),
-``bias``) and their names are those of ``flax.linen.Conv`` / ``ConvTranspose`` whatever the choice,
-so a checkpoint trained on a GPU loads on a CPU and predicts the same field.
+elsewhere, decided when the model is traced), ``"folded"`` or ``"native"``. The parameters
+(``kernel`` (K_d, K_h, K_w, C_in, C_out), ``bias``) and their names are those of
+``flax.linen.Conv`` / ``ConvTranspose`` whatever the choice, so a checkpoint trained on a GPU
+loads on a CPU and predicts the same field.
 
 Where this sits: every convolution of ``adreg_jax.models`` is built by ``conv`` or
 ``ConvTranspose`` below.
