@@ -3,6 +3,7 @@
     python eval.py --config configs/demo.py --workdir runs/demo
     python eval.py --config configs/demo.py --workdir runs/demo --compare runs/demo_unet
     python eval.py --config configs/demo.py --workdir runs/demo --figures 2
+    python eval.py --config configs/brain.py --workdir runs/brain_pretrained --model brain
     python eval.py --config configs/dirlab.py --workdir runs/dirlab \
         --dirlab_runs runs/dirlab_case1,runs/dirlab_case2,...,runs/dirlab_case10
 
@@ -24,6 +25,12 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The configs/*.py file of the run.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory that train.py wrote.")
 _WHICH = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to use.")
+_MODEL = flags.DEFINE_string(
+    "model",
+    None,
+    "A pretrained model of the package (e.g. brain) evaluated in place of the "
+    "workdir's checkpoint; the results go to WORKDIR/eval.",
+)
 _FIGURES = flags.DEFINE_integer("figures", -1, "Cases that get figures: -1 all, 0 none.")
 _COMPARE = flags.DEFINE_list(
     "compare", [], "Other run directories (ablations, baselines) evaluated on the same test cases."
@@ -61,7 +68,13 @@ def main(argv):
         if _DIRLAB_RUNS.value:
             _dirlab_table(workdir, _DIRLAB_RUNS.value)
             return
-        result = evaluate_run(_CONFIG.value, workdir, which=_WHICH.value, figures=_FIGURES.value)
+        result = evaluate_run(
+            _CONFIG.value,
+            workdir,
+            which=_WHICH.value,
+            figures=_FIGURES.value,
+            pretrained=_MODEL.value,
+        )
         print(markdown_table(result["per_case"], result["summary"]))
         print(f"wrote {workdir}/eval/metrics.json, per_case.csv, table.md, figures/")
         if _COMPARE.value:

@@ -344,15 +344,24 @@ def evaluate_run(
     which: str = "best",
     figures: int = -1,
     out: str | Path | None = None,
+    pretrained: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the run in ``workdir`` on ``config``'s test split; returns the metrics dict.
+
+    ``pretrained``: the name of a packaged model (``adreg_jax.pretrained.MODELS``) evaluated in
+    place of the run's checkpoint; ``workdir`` is then only where the results go.
 
     ``figures``: how many cases get figures (-1: all, 0: none). ``out``: where to write
     (default ``workdir/eval``). The model comes from the run's own saved config, the test pairs
     from ``config.data``, so runs with different models are compared on the same cases.
     """
     workdir = Path(workdir)
-    run_config, model, variables = restore_for_inference(workdir, which=which)
+    if pretrained:
+        from adreg_jax.pretrained import load
+
+        run_config, model, variables = load(pretrained)
+    else:
+        run_config, model, variables = restore_for_inference(workdir, which=which)
     apply_fn = jax.jit(model.apply)  # every test pair has one shape: one compile
     dataset = build_dataset(config.data, "test", int(config.seed))
     labels = dataset_labels(config.data)

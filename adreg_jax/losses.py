@@ -6,6 +6,12 @@ outputs and the batch; every term is reported separately in the returned metrics
     loss = w_ncc * (1 - NCC(warped, fixed)) + w_ssim * (1 - SSIM(warped, fixed))
          + w_smooth * smoothness(ddf) + w_jac * mean(relu(-det J))
          + w_landmark * mean TRE (mm)            only when the batch carries landmarks
+         + w_dice * (1 - soft Dice)              only when the batch carries label maps
+
+The soft Dice (``soft_dice``) compares the moving one-hot labels warped by the DDF (linear
+interpolation of each channel, so that the gradient reaches the field) with the fixed one-hot
+labels, over the data set's labels (``labels``, e.g. CSF, GM, WM): SynthMorph's label loss, which
+trains a network that does not depend on the images' contrast.
 """
 
 from __future__ import annotations
@@ -31,10 +37,36 @@ def mean_tre(batch: dict[str, jnp.ndarray], ddf: jnp.ndarray) -> jnp.ndarray:
     return jnp.sum(errors * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def soft_dice(
+    fixed_seg: jnp.ndarray, moving_seg: jnp.ndarray, ddf: jnp.ndarray, labels: tuple[int, ...]
+) -> jnp.ndarray:
+    """Mean soft Dice (B,) of integer label maps (B, D, H, W) after warping the moving one by
+    ``ddf`` (B, D, H, W, 3): with one-hot channels m_l warped linearly (``ops.warp``) and f_l,
+    ``dice_l = 2 sum(f_l w_l) / (sum f_l + sum w_l)``, averaged over the labels present in
+    either map (a label absent from both is left out, as ``ops.dice`` does)."""
+    ids = jnp.asarray(labels, fixed_seg.dtype).reshape((1,) * fixed_seg.ndim + (len(labels),))
+    fixed_onehot = (fixed_seg[..., None] == ids).astype(jnp.float32)
+    moving_onehot = (moving_seg[..., None] == ids).astype(jnp.float32)
+    warped = ops.warp(moving_onehot, ddf, order=1)
+    axes = (1, 2, 3)
+    overlap = jnp.sum(fixed_onehot * warped, axis=axes)
+    total = jnp.sum(fixed_onehot, axis=axes) + jnp.sum(warped, axis=axes)
+    present = (total > 0).astype(jnp.float32)
+    dice = 2.0 * overlap / jnp.maximum(total, 1e-6)
+    return jnp.sum(dice * present, axis=-1) / jnp.maximum(jnp.sum(present, axis=-1), 1.0)
+
+
 def registration_loss(
-    outputs: dict[str, Any], batch: dict[str, jnp.ndarray], loss_config
+    outputs: dict[str, Any],
+    batch: dict[str, jnp.ndarray],
+    loss_config,
+    labels: tuple[int, ...] = (),
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """(scalar loss, {term: value}) for model outputs (``warped``, ``ddf``) and a batch."""
+    """(scalar loss, {term: value}) for model outputs (``warped``, ``ddf``) and a batch.
+
+    ``labels``: the data set's label ids (``data.dataset_labels``) of the soft Dice term, used
+    when ``loss_config.dice_weight`` > 0 and the batch carries ``fixed_seg`` and ``moving_seg``.
+    """
     warped, ddf, fixed = outputs["warped"], outputs["ddf"], batch["fixed"]
     terms = {
         "ncc": jnp.mean(ops.ncc_local(warped, fixed, window=int(loss_config.ncc_window))),
@@ -51,5 +83,11 @@ def registration_loss(
     if "fixed_points" in batch and loss_config.landmark_weight > 0:
         terms["tre_mm"] = mean_tre(batch, ddf)
         loss = loss + loss_config.landmark_weight * terms["tre_mm"]
+    dice_weight = float(loss_config.get("dice_weight", 0.0))
+    if dice_weight > 0 and labels and "fixed_seg" in batch and "moving_seg" in batch:
+        terms["dice_soft"] = jnp.mean(
+            soft_dice(batch["fixed_seg"], batch["moving_seg"], ddf, tuple(labels))
+        )
+        loss = loss + dice_weight * (1.0 - terms["dice_soft"])
     terms["loss"] = loss
     return loss, terms

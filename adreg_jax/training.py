@@ -66,15 +66,22 @@ def create_train_state(config, model, batch: dict[str, np.ndarray]) -> TrainStat
     )
 
 
-def make_train_step(model, loss_config):
-    """The jitted update ``(state, batch, rng) -> (state, metrics)``, state donated."""
+def make_train_step(model, loss_config, labels: tuple[int, ...] = ()):
+    """The jitted update ``(state, batch, rng) -> (state, metrics)``, state donated.
+
+    ``labels``: the data set's label ids, for the soft Dice term (``loss.dice_weight``)."""
+    if float(loss_config.get("dice_weight", 0.0)) > 0 and not labels:
+        raise ValueError(
+            f"config.loss.dice_weight={loss_config.dice_weight} needs a data set with label "
+            "maps (generated_brain, synth_brain, ixi, ...); this one has no labels"
+        )
 
     def train_step(state: TrainState, batch: dict[str, jnp.ndarray], rng: jax.Array):
         del rng  # the model is deterministic; kept so that stochastic extensions fit the step
 
         def loss_fn(params):
             outputs = model.apply({"params": params}, batch["fixed"], batch["moving"])
-            return registration_loss(outputs, batch, loss_config)
+            return registration_loss(outputs, batch, loss_config, labels)
 
         (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         terms["grad_norm"] = optax.tree.norm(grads)
@@ -280,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     start = int(state.step)
     state = replicate(state, mesh)
 
-    train_step = make_train_step(model, config.loss)
+    train_step = make_train_step(model, config.loss, dataset_labels(config.data))
     eval_step = make_eval_step(model, dataset_labels(config.data))
     rng = jax.random.key(config.seed)
     steps = total_steps(config.train)

@@ -38,7 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- data (adreg_jax.data) ---------------------------------------------------------------
     data = config.data = ml_collections.ConfigDict()
-    data.dataset = "generated_brain"  # generated_brain | generated_lung | dirlab | ixi | pairs
+    data.dataset = (
+        "generated_brain"  # generated_brain | synth_brain | generated_lung | dirlab | ixi
+    )
+    # | pairs
     data.root = ""  # data set folder (dirlab) or pair-list file (pairs)
     data.image_size = (96, 112, 96)  # (D, H, W) the network sees (crop/pad or resample to it)
     data.batch_size = 1
@@ -53,6 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
     data.anatomy_voxels = 2.0  # largest velocity of the atlas -> subject variation
     data.motion_voxels = 4.0  # largest velocity of the fixed -> moving motion
     data.intensity = 1.0  # gamma / bias field / noise strength, 0 = none
+    # synthesised brain pairs (adreg_jax.data.synth): random contrasts drawn from label maps
+    data.synth_max_mm = 8.0  # largest velocity of each subject's smooth deformation (mm)
+    data.synth_affine = (5.0, 0.05, 4.0)  # largest rotation (degrees), scale (fraction), shift (mm)
+    data.synth_same_contrast = 0.3  # probability that fixed and moving share one contrast
+    data.synth_real_contrast = 0.2  # probability that a contrast is the atlas's own T1
     # generated lung phantom (adreg_jax.data.generated_lung)
     data.lung_motion_mm = (5.0, 20.0)  # range of the diaphragm motion
     data.lung_points = 32  # landmarks per generated lung pair
@@ -74,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
     loss.smooth_weight = 1.0
     loss.jacobian_weight = 0.1
     loss.landmark_weight = 0.0
+    # soft Dice of the warped moving labels against the fixed ones (the data set's labels, when the
+    # batch carries fixed_seg / moving_seg); 0 = off, as in the paper (unsupervised)
+    loss.dice_weight = 0.0
 
     # --- training (adreg_jax.training) -------------------------------------------------------
     train = config.train = ml_collections.ConfigDict()

@@ -14,7 +14,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from adreg_jax.data import dirlab, generated, generated_lung, ixi, labels, nifti, preprocess
+from adreg_jax.data import dirlab, generated, generated_lung, ixi, labels, nifti, preprocess, synth
 
 SPLITS = ("train", "val", "test")
 # seeds of the three generated splits differ so that no pair is shared between them
@@ -111,6 +111,8 @@ def dataset_labels(data: ml_collections.ConfigDict) -> tuple[int, ...]:
     """Label ids evaluated with Dice for ``data.dataset`` (empty when it has no labels)."""
     if data.dataset == "generated_brain":
         return tuple(generated.BRAIN_LABELS)
+    if data.dataset == "synth_brain":
+        return tuple(synth.SYNTH_LABELS)
     if data.dataset == "ixi":
         return labels.IXI_VOI
     if data.dataset == "generated_lung":
@@ -167,6 +169,18 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, seed: int) -> gra
             intensity=float(data.intensity),
         )
         return grain.MapDataset.source(source)
+    if data.dataset == "synth_brain":
+        length = {"train": data.train_size, "val": data.val_size, "test": data.test_size}[split]
+        source = synth.SynthBrainPairs(
+            shape=tuple(data.image_size),
+            length=int(length),
+            seed=int(seed) + _SPLIT_OFFSET[split],
+            max_mm=float(data.synth_max_mm),
+            affine=tuple(float(a) for a in data.synth_affine),
+            same_contrast=float(data.synth_same_contrast),
+            real_contrast=float(data.synth_real_contrast),
+        )
+        return grain.MapDataset.source(source)
     if data.dataset == "generated_lung":
         length = {"train": data.train_size, "val": data.val_size, "test": data.test_size}[split]
         source = generated_lung.GeneratedLungPairs(
@@ -196,7 +210,7 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, seed: int) -> gra
         )
     raise ValueError(
         f"config.data.dataset={data.dataset!r} not supported; "
-        "expected 'generated_brain', 'generated_lung', 'dirlab', 'ixi' or 'pairs'"
+        "expected 'generated_brain', 'synth_brain', 'generated_lung', 'dirlab', 'ixi' or 'pairs'"
     )
 
 

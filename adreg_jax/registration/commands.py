@@ -2,8 +2,9 @@
 applied to another image, label map or point set).
 
     adreg-register --fixed subject.nii.gz --moving atlas.nii.gz --out results/ \
-        [--checkpoint runs/demo] [--affine] [--similarity ncc|mi] [--instance-steps 60 20] \
-        [--moving-seg S --fixed-seg S] [--fixed-points P --moving-points P] [--inverse]
+        [--checkpoint runs/demo | --model brain] [--affine] [--similarity ncc|mi] \
+        [--instance-steps 60 20] [--moving-seg S --fixed-seg S] \
+        [--fixed-points P --moving-points P] [--inverse]
     adreg-register --pairs pairs.csv --out cohort/ [same options]
     adreg-apply --transform results/ --moving image.nii.gz --out warped.nii.gz \
         [--labels] [--inverse] [--reference grid.nii.gz]
@@ -104,6 +105,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoint", help="a train.py run directory (best checkpoint)")
+    parser.add_argument(
+        "--model",
+        help="a pretrained network shipped in the package (adreg_jax.pretrained.MODELS, e.g. "
+        "brain), in place of --checkpoint; instance optimisation follows unless "
+        "--instance-steps 0",
+    )
     parser.add_argument("--fixed-seg")
     parser.add_argument("--moving-seg")
     parser.add_argument("--fixed-points")

@@ -172,22 +172,32 @@ resize_ddf = jax.jit(ops.resize_ddf, static_argnums=1)
 
 
 @functools.lru_cache(maxsize=4)
-def _restored(checkpoint: str):
-    """(config, jitted model.apply, variables) of a run directory, restored once per process."""
-    from adreg_jax.training import restore_for_inference
+def _restored(checkpoint: str | None, model: str | None = None):
+    """(config, jitted model.apply, variables) of a run directory (``checkpoint``) or of a
+    packaged pretrained model (``model``, ``adreg_jax.pretrained``), restored once per process."""
+    if model is not None:
+        from adreg_jax.pretrained import load
 
-    config, model, variables = restore_for_inference(checkpoint)
-    return config, jax.jit(model.apply), variables
+        config, module, variables = load(model)
+    else:
+        from adreg_jax.training import restore_for_inference
+
+        config, module, variables = restore_for_inference(checkpoint)
+    return config, jax.jit(module.apply), variables
 
 
-def network_ddf(checkpoint: str, fixed: jnp.ndarray, moving: jnp.ndarray) -> jnp.ndarray:
-    """The trained network's DDF (1, D, H, W, 3) on the fixed grid.
+def network_ddf(
+    checkpoint: str | None, fixed: jnp.ndarray, moving: jnp.ndarray, model: str | None = None
+) -> jnp.ndarray:
+    """The trained network's DDF (1, D, H, W, 3) on the fixed grid: the best checkpoint of a
+    train.py run directory (``checkpoint``) or a packaged pretrained model (``model``, a name of
+    ``adreg_jax.pretrained.MODELS``).
 
     The network runs on a grid with the fixed grid's aspect and as many voxels as the run's
     training images (``config.data.image_size``), each side a multiple of the U-Net's downsampling
     factor; its field is resized (and rescaled) back to the fixed grid.
     """
-    config, apply, variables = _restored(checkpoint)
+    config, apply, variables = _restored(checkpoint, model)
     shape = np.asarray(fixed.shape[1:4], np.float64)
     multiple = 2 ** (len(config.model.channels) - 1)
     scale = (np.prod(config.data.image_size) / np.prod(shape)) ** (1.0 / 3.0)

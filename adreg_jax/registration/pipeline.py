@@ -27,6 +27,7 @@ import numpy as np
 
 from adreg_jax import ops
 from adreg_jax.data.nifti import read_points, save_nifti
+from adreg_jax.pretrained import weights_path
 from adreg_jax.registration.affine import affine_warp, optimise_affine
 from adreg_jax.registration.deformable import (
     DEFAULT_SMOOTH_WEIGHT,
@@ -88,8 +89,18 @@ def check_options(args: argparse.Namespace) -> None:
     """Reject option combinations that cannot work, before any scan is read."""
     similarity_fn(args.similarity)
     steps = args.instance_steps or [1]
-    if max(steps) <= 0 and not args.checkpoint and not args.affine:
-        raise ValueError("nothing to do: give --checkpoint, --affine and/or --instance-steps > 0")
+    model = getattr(args, "model", None)
+    if model and args.checkpoint:
+        raise ValueError(
+            f"--model {model} and --checkpoint {args.checkpoint}: give one network, not both"
+        )
+    if model:
+        weights_path(model)  # an unknown name fails here, before any scan is read
+    network = bool(args.checkpoint or model)
+    if max(steps) <= 0 and not network and not args.affine:
+        raise ValueError(
+            "nothing to do: give --checkpoint or --model, --affine and/or --instance-steps > 0"
+        )
     if args.levels and len(steps) not in (1, len(args.levels)):
         raise ValueError(
             f"--instance-steps {args.instance_steps}: give one number, or one per level of "
@@ -100,7 +111,7 @@ def check_options(args: argparse.Namespace) -> None:
             "--inverse needs a diffeomorphic field: --integration-steps > 0 (with 0 the "
             "displacement itself is optimised and has no exact inverse)"
         )
-    if args.inverse and args.checkpoint and max(steps) <= 0:
+    if args.inverse and network and max(steps) <= 0:
         raise ValueError(
             "--inverse needs a stationary velocity: the network's field alone has no exact "
             "inverse; add instance optimisation (--instance-steps > 0)"
@@ -191,7 +202,10 @@ def register_pair(
             masks = (masks[0], affine_warp(matrix, translation, masks[1])[1])
         affine_voxel = affine_voxel_matrix(np.asarray(matrix), np.asarray(translation), shape)
     stages = {"affine": time.perf_counter() - loaded}
-    initial = network_ddf(args.checkpoint, fixed_j, source) if args.checkpoint else None
+    model = getattr(args, "model", None)
+    initial = None
+    if args.checkpoint or model:
+        initial = network_ddf(args.checkpoint, fixed_j, source, model=model)
     initial = jax.block_until_ready(initial)
     stages["network"] = time.perf_counter() - loaded - stages["affine"]
     if max(steps) > 0:

@@ -1,0 +1,183 @@
+"""Synthesised brain pairs (adreg_jax.data.synth) and the soft Dice label loss, on small grids."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adreg_jax import ops
+from adreg_jax.data import build_dataset, dataset_labels, load_atlas, synth
+from adreg_jax.losses import registration_loss, soft_dice
+from configs import default
+
+SHAPE = (24, 28, 24)
+SMALL = (32, 40, 32)
+
+
+def synth_config(shape=SHAPE):
+    config = default.get_config()
+    config.data.dataset = "synth_brain"
+    config.data.image_size = shape
+    config.data.val_size = 3
+    return config
+
+
+def correlation_ratio(image, seg):
+    """eta^2: the share of the image's variance explained by the label regions."""
+    image, seg = image.ravel().astype(np.float64), seg.ravel()
+    mean = image.mean()
+    between = sum(
+        (seg == label).sum() * (image[seg == label].mean() - mean) ** 2 for label in np.unique(seg)
+    )
+    return between / ((image - mean) ** 2).sum()
+
+
+def test_pairs_are_deterministic_and_shaped_as_generated_brains():
+    config = synth_config()
+    source = build_dataset(config.data, "val", seed=0)
+    pair = source[1]
+    assert set(pair) == {"fixed", "moving", "fixed_seg", "moving_seg", "spacing"}
+    for key in ("fixed", "moving"):
+        assert pair[key].shape == (*SHAPE, 1) and pair[key].dtype == np.float32
+        assert pair[key].min() == 0.0 and pair[key].max() == pytest.approx(1.0)
+    for key in ("fixed_seg", "moving_seg"):
+        assert pair[key].shape == SHAPE and pair[key].dtype == np.int32
+        assert set(np.unique(pair[key])) == {0, 1, 2, 3}
+    # the 96 x 112 x 96 grid of 2 mm resampled to 24 x 28 x 24: 8 mm voxels
+    np.testing.assert_allclose(pair["spacing"], [8.0, 8.0, 8.0])
+    again = build_dataset(config.data, "val", seed=0)[1]  # a fresh source: same (seed, index)
+    for key, value in pair.items():
+        np.testing.assert_array_equal(again[key], value)
+    other = source[2]
+    assert not np.array_equal(other["fixed"], pair["fixed"])
+    assert not np.array_equal(build_dataset(config.data, "val", seed=1)[1]["fixed"], pair["fixed"])
+    assert dataset_labels(config.data) == (1, 2, 3)
+
+
+def test_atlas_is_padded_at_its_own_spacing_to_the_full_extent():
+    image, labels, spacing = synth.atlas_on_grid()
+    atlas_image, atlas_labels, atlas_spacing = load_atlas()
+    assert labels.shape == synth.FULL_EXTENT and tuple(atlas_labels.shape) < synth.FULL_EXTENT
+    np.testing.assert_array_equal(spacing, atlas_spacing)
+    for label in range(4):
+        if label:  # zero padding adds background only
+            assert np.sum(labels == label) == np.sum(atlas_labels == label)
+    assert image.sum() == pytest.approx(atlas_image.sum(), rel=1e-6)
+
+
+def test_zero_deformation_gives_the_atlas_labels():
+    source = synth.SynthBrainPairs(SHAPE, length=2, max_mm=0.0, affine=(0.0, 0.0, 0.0))
+    _, labels, _ = synth.atlas_on_grid(SHAPE)
+    for index in range(2):
+        pair = source[index]
+        np.testing.assert_array_equal(pair["fixed_seg"], labels)
+        np.testing.assert_array_equal(pair["moving_seg"], labels)
+
+
+def jacobian_det_numpy(ddf):
+    """det(I + grad ddf) with numpy.gradient (the convention of DESIGN.md), written apart."""
+    grads = np.stack([np.stack(np.gradient(ddf[..., k]), axis=-1) for k in range(3)], axis=-2)
+    return np.linalg.det(grads + np.eye(3))
+
+
+def test_subject_maps_are_the_affine_and_diffeomorphic_maps_asked_for():
+    rng = np.random.default_rng(0)
+    spacing = np.asarray([2.0, 2.0, 2.0], np.float32)
+    # a shift alone: constant, at most 4 mm = 2 voxels per axis
+    shift = synth.subject_ddf(rng, SMALL, spacing, 0.0, (0.0, 0.0, 4.0))
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[0, 0, 0], shift.shape), atol=1e-5)
+    assert np.all(np.abs(shift[0, 0, 0]) <= 2.0) and np.any(shift[0, 0, 0] != 0)
+    # a rotation alone: det J = 1 everywhere, the grid centre does not move
+    rotation = synth.subject_ddf(rng, (33, 33, 33), spacing, 0.0, (10.0, 0.0, 0.0))
+    np.testing.assert_allclose(jacobian_det_numpy(rotation), 1.0, atol=1e-4)
+    np.testing.assert_allclose(rotation[16, 16, 16], 0.0, atol=1e-5)
+    assert np.abs(rotation).max() > 1.0  # 10 degrees at 16 voxels from the centre
+    # the smooth deformation: displacements of a few voxels, no folding
+    ddf = synth.subject_ddf(rng, SMALL, spacing, 8.0, (0.0, 0.0, 0.0))
+    assert 0.5 < np.abs(ddf).max() < 3 * 8.0 / 2.0
+    assert jacobian_det_numpy(ddf).min() > 0.0
+
+
+def test_labels_follow_each_subjects_deformation():
+    """Each image is drawn from its own label map: its intensities are explained by its own
+    segmentation better than by the other subject's (differently deformed) one."""
+    source = synth.SynthBrainPairs(SMALL, length=4, max_mm=12.0)
+    _, atlas_labels, _ = synth.atlas_on_grid(SMALL)
+    for index in range(4):
+        pair = source[index]
+        fixed, moving = pair["fixed"][..., 0], pair["moving"][..., 0]
+        assert correlation_ratio(fixed, pair["fixed_seg"]) > correlation_ratio(
+            fixed, pair["moving_seg"]
+        )
+        assert correlation_ratio(moving, pair["moving_seg"]) > correlation_ratio(
+            moving, pair["fixed_seg"]
+        )
+        dice = np.asarray(ops.dice(pair["fixed_seg"], atlas_labels, (1, 2, 3)))
+        assert 0.3 < dice.mean() < 0.98  # deformed, still the same anatomy
+
+
+def test_contrasts_differ_unless_shared_and_real_t1_is_in_the_mix():
+    def correlations(same_contrast, real_contrast=0.0):
+        source = synth.SynthBrainPairs(
+            SMALL,
+            length=6,
+            max_mm=0.0,
+            affine=(0.0, 0.0, 0.0),
+            same_contrast=same_contrast,
+            real_contrast=real_contrast,
+        )
+        pairs = [source[i] for i in range(6)]
+        return [np.corrcoef(p["fixed"].ravel(), p["moving"].ravel())[0, 1] for p in pairs]
+
+    independent, shared = correlations(0.0), correlations(1.0)
+    assert min(independent) < 0.0  # some pair has an inverted contrast on the same anatomy
+    assert np.mean(shared) > np.mean(independent) + 0.3
+    t1, _, _ = synth.atlas_on_grid(SMALL)
+    source = synth.SynthBrainPairs(
+        SMALL, length=3, max_mm=0.0, affine=(0.0, 0.0, 0.0), real_contrast=1.0
+    )
+    for index in range(3):
+        assert np.corrcoef(source[index]["fixed"].ravel(), t1.ravel())[0, 1] > 0.9
+
+
+def _boxes(shape=(16, 16, 16), shift=0):
+    seg = np.zeros(shape, np.int32)
+    seg[4 + shift : 12 + shift, 4:12, 2:7] = 1
+    seg[4 + shift : 12 + shift, 4:12, 9:14] = 2
+    return jnp.asarray(seg)[None]
+
+
+def test_soft_dice_loss_closed_forms():
+    fixed = _boxes()
+    moving = _boxes(shift=2)  # moving(p) = fixed(p - 2 along D): ddf = +2 undoes it
+    zero = jnp.zeros((1, 16, 16, 16, 3))
+    shift = zero.at[..., 0].set(2.0)
+    labels = (1, 2, 3)  # 3 is absent from both maps: left out of the mean
+    dice_fn = jax.jit(lambda fixed, moving, ddf: soft_dice(fixed, moving, ddf, labels)[0])
+    assert float(dice_fn(fixed, fixed, zero)) == pytest.approx(1.0, abs=1e-6)
+    # boxes 8 voxels long overlapping by 6: 2 * 6 / (8 + 8) for each label
+    assert float(dice_fn(fixed, moving, zero)) == pytest.approx(0.75, abs=1e-6)
+    assert float(dice_fn(fixed, moving, shift)) == pytest.approx(1.0, abs=1e-6)
+    grad = jax.jit(jax.grad(dice_fn, argnums=2))(fixed, moving, zero)
+    assert np.all(np.isfinite(np.asarray(grad))) and float(jnp.abs(grad).max()) > 0
+    assert float(jnp.sum(grad[..., 0])) > 0  # pushing towards +2 along D raises the overlap
+
+    config = default.get_config()
+    config.loss.dice_weight = 1.0
+    batch = {"fixed": jnp.zeros((1, 16, 16, 16, 1)), "fixed_seg": fixed, "moving_seg": moving}
+    outputs = {"warped": batch["fixed"], "ddf": zero}
+    loss_fn = jax.jit(lambda outputs, batch: registration_loss(outputs, batch, config.loss, labels))
+    loss_zero, terms = loss_fn(outputs, batch)
+    loss_shift, _ = loss_fn({**outputs, "ddf": shift}, batch)
+    assert float(terms["dice_soft"]) == pytest.approx(0.75, abs=1e-6)
+    # the constant shift costs no smoothness or Jacobian: the loss falls by exactly 1 - 0.75
+    assert float(loss_zero - loss_shift) == pytest.approx(0.25, abs=1e-5)
+    config.loss.dice_weight = 0.0  # off (the default): no term
+    assert (
+        "dice_soft"
+        not in jax.eval_shape(
+            lambda outputs, batch: registration_loss(outputs, batch, config.loss, labels),
+            outputs,
+            batch,
+        )[1]
+    )
