@@ -22,7 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from adreg_jax.data.nifti import load_nifti, save_nifti
+from adreg_jax.data.nifti import load_nifti, save_nifti, write_image
 from adreg_jax.registration.transform import Grid, Transform
 
 TRANSFORM_FILE = "transform.json"
@@ -48,7 +48,7 @@ def save_itk_field(path: Path, ddf_mm: np.ndarray, affine: np.ndarray) -> None:
     image.header.set_intent("vector")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    nib.save(image, str(path))
+    write_image(image, path)
 
 
 def _grid_json(grid: Grid) -> dict:
