@@ -3,6 +3,7 @@ full training step from XLA's compiled memory analysis (works without a GPU).
 
     python benchmarks/bench_model.py                       # params, times at 64^3, memory
     python benchmarks/bench_model.py --time-sizes 64 160x192x224 --memory-sizes 160x192x224
+    python benchmarks/bench_model.py --variants "AD-RegNet (full)" --remat off on --dtypes float32
 
 Memory = arguments + outputs + temporaries - aliased (donated) bytes of the compiled step
 (model forward and backward, the configs/default.py loss, Adam update), batch 1.
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives b
 from configs import default  # noqa: E402
 
 VARIANTS = ABLATIONS
+DTYPE_NAMES = {"float32": "f32", "bfloat16": "bf16"}
 
 
 def parse_size(text: str) -> tuple[int, int, int]:
@@ -120,16 +122,22 @@ def main() -> None:
     parser.add_argument(
         "--conv-impls", nargs="*", default=["auto"], help="model.conv_impl values, a row each"
     )
+    parser.add_argument(
+        "--remat", nargs="*", default=["off"], choices=["off", "on"], help="model.remat, a row each"
+    )
+    parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
     args = parser.parse_args()
     time_sizes = [parse_size(s) for s in args.time_sizes]
     memory_sizes = [parse_size(s) for s in args.memory_sizes]
     platform = jax.devices()[0].platform
 
-    header = ["variant", "conv_impl", "params"]
+    header = ["variant", "conv_impl", "remat", "params"]
     header += [f"fwd s {'x'.join(map(str, s))}" for s in time_sizes]
     header += [f"train step s {'x'.join(map(str, s))}" for s in time_sizes]
     header += [
-        f"step GB {'x'.join(map(str, s))} {d}" for s in memory_sizes for d in ("f32", "bf16")
+        f"step GB {'x'.join(map(str, s))} {DTYPE_NAMES[d]}"
+        for s in memory_sizes
+        for d in args.dtypes
     ]
     print(
         f"\nAD-RegNet variants, configs/default.py channels, batch 1, jax {jax.__version__}, "
@@ -137,14 +145,19 @@ def main() -> None:
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    rows = [(name, impl) for name in args.variants for impl in args.conv_impls]
-    for name, conv_impl in rows:
-        overrides = with_conv_impl(VARIANTS[name], conv_impl)
-        cells = [name, conv_impl, f"{count_params(overrides):,}"]
+    rows = [
+        (name, impl, remat)
+        for name in args.variants
+        for impl in args.conv_impls
+        for remat in args.remat
+    ]
+    for name, conv_impl, remat in rows:
+        overrides = {**with_conv_impl(VARIANTS[name], conv_impl), "remat": remat == "on"}
+        cells = [name, conv_impl, remat, f"{count_params(overrides):,}"]
         timings = [time_model(overrides, s, args.runs) for s in time_sizes]
         cells += [f"{fwd:.2f}" for fwd, _ in timings] + [f"{bwd:.2f}" for _, bwd in timings]
         for shape in memory_sizes:
-            for dtype in ("float32", "bfloat16"):
+            for dtype in args.dtypes:
                 cells.append(f"{step_memory_gb(overrides, shape, dtype):.1f}")
         print("| " + " | ".join(cells) + " |", flush=True)
 
