@@ -34,6 +34,7 @@ first, over the same test cases.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -338,6 +339,13 @@ def structures_table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@functools.cache
+def _jitted_apply(model) -> Any:
+    """``jax.jit(model.apply)``, one per model (Flax modules hash by their fields): runs of one
+    architecture evaluated in one process (``eval.py --compare``) share the compiled program."""
+    return jax.jit(model.apply)
+
+
 def evaluate_run(
     config,
     workdir: str | Path,
@@ -362,7 +370,7 @@ def evaluate_run(
         run_config, model, variables = load(pretrained)
     else:
         run_config, model, variables = restore_for_inference(workdir, which=which)
-    apply_fn = jax.jit(model.apply)  # every test pair has one shape: one compile
+    apply_fn = _jitted_apply(model)  # every test pair has one shape: one compile
     dataset = build_dataset(config.data, "test", int(config.seed))
     labels = dataset_labels(config.data)
     if len(dataset) == 0:

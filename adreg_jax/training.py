@@ -58,7 +58,11 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
 
 
 def create_train_state(config, model, batch: dict[str, np.ndarray]) -> TrainState:
-    variables = model.init(
+    # Jitted: run eagerly, init compiles every operation of the forward pass and one random
+    # generator per parameter shape separately (measured on the tests' tiny model, loaded 2-core
+    # CPU: 326 compilations, 81 s eager against one program, 66 s jitted; with
+    # jax_threefry_partitionable=False, whose generators compile ~10x faster, 17 s against 7 s).
+    variables = jax.jit(model.init)(
         jax.random.key(config.seed), jnp.asarray(batch["fixed"]), jnp.asarray(batch["moving"])
     )
     return TrainState.create(
