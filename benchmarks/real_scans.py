@@ -2,6 +2,9 @@
 
     python benchmarks/real_scans.py --checkpoint runs/demo --unet runs/demo_unet
     python benchmarks/real_scans.py --pairs mni_to_scan lung --no-ants   # a subset, no ANTs
+    python benchmarks/real_scans.py --model brain --pairs mni_to_scan scan_to_mni mni_t2_to_scan
+    python benchmarks/real_scans.py --pairs mni_to_scan scan_to_mni --no-ants \
+        --checkpoints full=runs/ablation/ad-regnet-full unet=runs/ablation/u-net-baseline
 
 Needs ``../shared/data`` (see its README; nothing here is packaged) and, for the ANTs column,
 ``pip install antspyx``. Every method runs on this machine in this process, one after another,
@@ -38,14 +41,19 @@ Pairs (moving -> fixed):
                 on GM/WM.
 
 Methods: before; AD-RegNet (network only, ``--checkpoint``); AD-RegNet + instance optimisation;
-instance optimisation alone (no trained model); the U-Net baseline (network only); ANTs SyN
-(antspyx ``type_of_transform="SyN"``: affine + SyN, Mattes MI, the package's defaults).
+the packaged pretrained model (``--model NAME``: "AD-RegNet pretrained (NAME)", network only, and
+"AD-RegNet pretrained + instance opt."); one network-only row per ``--checkpoints NAME=RUN_DIR``
+(named NAME: the ablation variants, ``benchmarks/ablation.py``); instance optimisation alone (no
+trained model); the U-Net baseline (network only); ANTs SyN (antspyx
+``type_of_transform="SyN"``: affine + SyN, Mattes MI, the package's defaults). Every "+ instance
+opt." row and "instance opt. only" use ``--steps`` (default: the command's, chosen from the scan).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -350,9 +358,14 @@ def run_adreg(
     steps: Sequence[int] | None,
     cache: str,
     repeat: int,
+    model: str | None = None,
 ) -> dict:
     """``adreg-register`` on the pair ``repeat`` times; the metrics of the last run, with the
-    first run's times added (``first_*``: compilation included, unless the cache had it)."""
+    first run's times added (``first_*``: compilation included, unless the cache had it).
+
+    The network: ``checkpoint`` (a train.py run directory, ``--checkpoint``) or ``model`` (a
+    packaged pretrained model's name, ``--model``), or neither (instance optimisation alone);
+    ``steps`` [0] keeps the network's field as it is."""
     argv = [
         "--fixed",
         str(pair["fixed"]),
@@ -366,8 +379,12 @@ def run_adreg(
     ]
     if steps:
         argv += ["--instance-steps", *map(str, steps)]
+    if checkpoint and model:
+        raise ValueError(f"run_adreg: a checkpoint ({checkpoint}) or a model ({model}), not both")
     if checkpoint:
         argv += ["--checkpoint", checkpoint]
+    if model:
+        argv += ["--model", model]
     if pair.get("affine"):
         argv.append("--affine")
     if pair.get("similarity"):
@@ -463,11 +480,65 @@ def _row(pair_name: str, method: str, m: dict, before: bool = False) -> str:
     )
 
 
+def method_dir(method: str) -> str:
+    """A method's output folder name: its row name with spaces (and anything unsafe in a path)
+    as underscores ("AD-RegNet + instance opt." -> "AD-RegNet_+_instance_opt.")."""
+    return re.sub(r"[^\w.+()=-]", "_", method)
+
+
+def _methods(args) -> list[tuple[str, str | None, str | None, list[int] | None]]:
+    """(row name, checkpoint, pretrained model, instance steps) of each adreg method asked for,
+    in table order; ``ValueError`` for a malformed ``--checkpoints`` entry, a run directory
+    without a config.json, an unknown model or a row name given twice."""
+    methods = []
+    if args.checkpoint:
+        methods += [
+            ("AD-RegNet", args.checkpoint, None, [0]),
+            ("AD-RegNet + instance opt.", args.checkpoint, None, args.steps),
+        ]
+    if args.model:
+        from adreg_jax import pretrained
+
+        pretrained.weights_path(args.model)  # an unknown name: the error lists the known ones
+        methods += [
+            (f"AD-RegNet pretrained ({args.model})", None, args.model, [0]),
+            ("AD-RegNet pretrained + instance opt.", None, args.model, args.steps),
+        ]
+    for entry in args.checkpoints:
+        name, sep, run = entry.partition("=")
+        if not (sep and name and run):
+            raise ValueError(f"--checkpoints {entry!r}: expected NAME=RUN_DIR")
+        methods.append((name, run, None, [0]))
+    methods.append(("instance opt. only", None, None, args.steps))
+    if args.unet:
+        methods.append(("U-Net baseline", args.unet, None, [0]))
+    names = [method[0] for method in methods]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"method names given twice: {twice}; give each --checkpoints its own")
+    for name, run, _, _ in methods:
+        if run and not (Path(run) / "config.json").is_file():
+            raise ValueError(f"{name}: {run} has no config.json; expected a train.py run directory")
+    return methods
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--out", default=None, help="keep inputs and outputs here")
     parser.add_argument("--checkpoint", help="an AD-RegNet run directory (train.py)")
+    parser.add_argument(
+        "--model",
+        help="a pretrained model of the package (adreg_jax.pretrained, e.g. brain): network "
+        "only, then with instance optimisation",
+    )
+    parser.add_argument(
+        "--checkpoints",
+        nargs="+",
+        default=[],
+        metavar="NAME=RUN_DIR",
+        help="more train.py runs, one network-only row each, named NAME (e.g. ablation variants)",
+    )
     parser.add_argument("--unet", help="a U-Net baseline run directory")
     parser.add_argument(
         "--steps",
@@ -501,6 +572,11 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown pairs {unknown}; known: {list(PAIRS)}", file=sys.stderr)
         return 1
+    try:
+        methods = _methods(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     out = Path(args.out or tempfile.mkdtemp(prefix="real_scans_"))
     inputs = out / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
@@ -518,15 +594,6 @@ def main(argv=None) -> int:
         except ImportError:
             print("antspyx not installed: no ANTs SyN rows (pip install antspyx)")
             ants_ok = False
-    methods = []
-    if args.checkpoint:
-        methods += [
-            ("AD-RegNet", args.checkpoint, [0]),
-            ("AD-RegNet + instance opt.", args.checkpoint, args.steps),
-        ]
-    methods.append(("instance opt. only", None, args.steps))
-    if args.unet:
-        methods.append(("U-Net baseline", args.unet, [0]))
     lines = [
         "| pair | method | Dice GM / WM (mean) | TRE mm | NCC | % det J <= 0 | time s "
         "| first run s |",
@@ -536,14 +603,15 @@ def main(argv=None) -> int:
     for name in args.pairs:
         pair = pairs[name]
         rows = {}
-        for method, checkpoint, steps in methods:
+        for method, checkpoint, model, steps in methods:
             rows[method] = run_adreg(
                 pair,
-                out / name / method.replace(" ", "_"),
+                out / name / method_dir(method),
                 checkpoint,
                 steps,
                 cache=str(out / "xla_cache"),
                 repeat=args.repeat,
+                model=model,
             )
             print(f"{name}: {method}: {json.dumps(rows[method])}", flush=True)
         if ants_ok:

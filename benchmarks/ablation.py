@@ -1,0 +1,328 @@
+"""The paper's ablation study on one recipe: the five ``adreg_jax.models.ABLATIONS`` variants
+trained alike, evaluated on the same held-out pairs (and optionally on real brain scans).
+
+    python benchmarks/ablation.py --config configs/brain.py --workdir runs/ablation --steps 2000 \\
+        --real-pairs mni_to_scan scan_to_mni
+    python benchmarks/ablation.py --config configs/demo.py --workdir runs/ablation_demo \\
+        --steps 200 --variants ad-regnet-full u-net-baseline
+    python benchmarks/ablation.py --config configs/demo.py --workdir /tmp/ablation_smoke \\
+        --steps 2 --image-size 16 16 16 --config.data.val_size=1 --config.data.test_size=4
+
+Where this sits: for each variant, the config with that variant's ``config.model`` overrides ->
+``training.train_and_evaluate`` in ``WORKDIR/<slug>`` (slugs: ``ad-regnet-full``,
+``no-cross-attention``, ``no-regional-attention``, ``no-multi-resolution``, ``u-net-baseline``)
+-> ``evaluation.evaluate_run`` on the config's test split (the same generated pairs for every
+variant: they come from ``config.data`` and ``config.seed``, not from the run) ->
+``evaluation.compare_runs`` (mean (std) per metric, two-sided paired Wilcoxon signed-rank p
+against the full model, which comes first) -> with ``--real-pairs``, each variant's network alone
+(``adreg-register --checkpoint RUN --instance-steps 0``, ``benchmarks/real_scans.run_adreg``) on
+the brain pairs of ``benchmarks/real_scans.py`` (needs ``../shared/data``).
+
+Every variant gets the same config, seed (so the same training batches) and number of steps
+(``--steps``, default the config's ``train.max_steps``; early stopping is switched off so that
+no variant stops sooner). Config fields are overridden as in train.py (``--config.a.b=value``);
+``--image-size D H W`` sets ``config.data.image_size``. A killed study run again with the same
+command goes on where it stopped: a variant that finished (``WORKDIR/<slug>/ablation_done.json``
+records its config) is not trained again, one that was interrupted resumes from its last
+checkpoint (``train_and_evaluate``). Evaluations are always redone (they are deterministic).
+A smoke-sized image can make the deepest feature map one region: regional attention is then the
+identity and "no regional attention" the full model again (the script prints a note).
+
+Output: one markdown table, variants as rows, the command line that produced it at the top,
+printed and written to ``WORKDIR/ablation.md``; ``WORKDIR/ablation.json`` holds every compared
+metric (mean, std, p) and the real-pair metrics. Each variant's own evaluation is in
+``WORKDIR/<slug>/eval/`` (per-case metrics, as ``eval.py`` writes them); real-pair outputs in
+``WORKDIR/real/<pair>/<slug>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ and benchmarks/
+
+from benchmarks import real_scans  # noqa: E402
+
+REAL_PAIRS = ("mni_to_scan", "scan_to_mni", "oasis_b_to_a", "mni_t2_to_scan")
+# compare_runs keys shown in the table (when the data set has them), with their column names
+COLUMNS = {
+    "dice": "Dice",
+    "dice_17": "Dice (17 structures)",
+    "tre_mm": "TRE mm",
+    "negative_jacobian_percent": "% det J <= 0",
+    "jacobian_std": "det J std",
+}
+DONE_FILE = "ablation_done.json"
+
+
+def variant_slug(name: str) -> str:
+    """A variant's folder name: "AD-RegNet (full)" -> "ad-regnet-full"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
+    """``path``'s get_config() with train.py-style ``--config.a.b=value`` overrides applied (the
+    same ml_collections flag parsing, in a flag registry of its own)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["ablation.py", f"--config={path}", *overrides]
+    registry = flags.FlagValues()
+    # sys_argv: the override flags are found in this list, not in sys.argv (main(argv) callers)
+    config_flags.DEFINE_config_file(
+        "config", None, "configs/*.py file", flag_values=registry, sys_argv=argv
+    )
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--config {path}: no such file; expected a configs/*.py file")
+    try:
+        registry(argv)
+    except (flags.Error, AttributeError, KeyError) as error:  # an unknown field, a wrong type
+        raise ValueError(
+            f"--config {path} {' '.join(overrides)}: not a field of the config or not a valid "
+            f"value ({error})"
+        ) from error
+    return registry.config
+
+
+def variant_configs(
+    config: ml_collections.ConfigDict, variants: list[str]
+) -> dict[str, ml_collections.ConfigDict]:
+    """Variant name -> ``config`` with that variant's ``config.model`` overrides, in ABLATIONS
+    order (the full model first, the reference of the p-values)."""
+    from adreg_jax.models import ABLATIONS
+
+    configs = {}
+    for name, overrides in ABLATIONS.items():
+        if variant_slug(name) not in variants:
+            continue
+        variant = config.copy_and_resolve_references()
+        for field, value in overrides.items():
+            if field not in variant.model:
+                raise ValueError(f"ABLATIONS[{name!r}] sets model.{field}, which config lacks")
+            variant.model[field] = value
+        configs[name] = variant
+    return configs
+
+
+def single_region(config: ml_collections.ConfigDict) -> bool:
+    """Whether the deepest feature map (image_size / 2^(levels - 1)) is one region of
+    ``model.region_size``: regional attention is then the identity (R * w_r - 1 = 0), and its
+    ablation the full model again."""
+    levels = len(config.model.channels)
+    deepest = [math.ceil(int(n) / 2 ** (levels - 1)) for n in config.data.image_size]
+    return all(n <= int(r) for n, r in zip(deepest, config.model.region_size, strict=True))
+
+
+def train_variant(config: ml_collections.ConfigDict, workdir: Path) -> str:
+    """Train (or resume) one variant in ``workdir``; "skipped" when a finished run of this very
+    config is there already, else "trained"."""
+    from adreg_jax.training import train_and_evaluate
+
+    done = workdir / DONE_FILE
+    wanted = json.loads(config.to_json_best_effort())
+    if done.is_file() and json.loads(done.read_text()).get("config") == wanted:
+        return "skipped"
+    train_and_evaluate(config, workdir)
+    done.write_text(json.dumps({"config": wanted}, indent=2))
+    return "trained"
+
+
+def real_pair_metrics(
+    runs: dict[str, Path], pair_names: list[str], data: Path, out: Path
+) -> dict[str, dict[str, dict]]:
+    """Each run's network alone (``--instance-steps 0``) on the real brain pairs:
+    {variant: {pair: adreg-register's metrics.json}}."""
+    inputs = out / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    pairs = real_scans.prepare_brain(data, inputs)
+    if "mni_t2_to_scan" in pair_names:
+        pairs.update(real_scans.prepare_multimodal(pairs, inputs))
+    results: dict[str, dict[str, dict]] = {}
+    for name, run in runs.items():
+        results[name] = {}
+        for pair_name in pair_names:
+            metrics = real_scans.run_adreg(
+                pairs[pair_name],
+                out / pair_name / variant_slug(name),
+                str(run),
+                [0],
+                cache=str(out / "xla_cache"),
+                repeat=1,
+            )
+            results[name][pair_name] = metrics
+            print(f"{pair_name}: {name}: {json.dumps(metrics)}", flush=True)
+    return results
+
+
+def _stat_cell(stat: dict[str, Any]) -> str:
+    cell = f"{stat['mean']:.4f} ({stat['std']:.4f})"
+    return cell if stat.get("p") is None else cell + f", p={stat['p']:.3g}"
+
+
+def _real_cells(metrics: dict) -> list[str]:
+    """Dice GM / WM (mean) (or NCC without labels) and % det J <= 0 of one real pair."""
+    dice = metrics.get("dice")
+    if dice:
+        first = " / ".join(f"{dice[k]:.3f}" for k in sorted(dice))
+        first += f" ({metrics['dice_mean']:.3f})"
+    else:
+        first = f"{metrics['ncc_after']:.3f}"
+    return [first, f"{metrics['folding_percent']:.4f}"]
+
+
+def ablation_table(
+    command: str,
+    comparison: dict[str, Any],
+    real: dict[str, dict[str, dict]],
+    cases: int,
+    steps: int,
+    dataset: str,
+) -> str:
+    """The study as one markdown table, variants as rows (``comparison``: ``compare_runs``)."""
+    metrics = comparison["metrics"]
+    keys = [key for key in COLUMNS if key in metrics]
+    names = list(next(iter(metrics.values()))) if metrics else list(real)
+    reference = names[0]
+    header = [COLUMNS[key] for key in keys]
+    pair_names = list(next(iter(real.values()))) if real else []
+    for pair_name in pair_names:
+        dice = real[reference][pair_name].get("dice")
+        labels = " / ".join(real_scans.GMWM.get(k, k) for k in sorted(dice or {}))
+        first = f"Dice {labels} (mean)" if dice else "NCC"
+        header += [f"{pair_name} {first}", f"{pair_name} % det J <= 0"]
+    lines = [
+        f"`{command}`",
+        "",
+        "| variant | " + " | ".join(header) + " |",
+        "|---|" + "---|" * len(header),
+    ]
+    for name in names:
+        cells = [_stat_cell(metrics[key][name]) for key in keys]
+        for pair_name in pair_names:
+            cells += _real_cells(real[name][pair_name])
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    note = (
+        f"\n{steps} training steps per variant, same config and seed. Generated columns: mean "
+        f"(std) over the {cases} test pairs of {dataset} (the config's test split); p: two-sided "
+        f"paired Wilcoxon signed-rank test against {reference}."
+    )
+    if pair_names:
+        note += (
+            " Real pairs (benchmarks/real_scans.py): the network alone (adreg-register "
+            "--checkpoint RUN --instance-steps 0), Dice after registration."
+        )
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from adreg_jax.models import ABLATIONS
+
+    slugs = [variant_slug(name) for name in ABLATIONS]
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        epilog="Any --config.a.b=value is applied to the config as train.py does.",
+    )
+    parser.add_argument("--config", required=True, help="a configs/*.py file")
+    parser.add_argument("--workdir", required=True, help="one run folder per variant goes here")
+    parser.add_argument("--steps", type=int, default=None, help="default: train.max_steps")
+    parser.add_argument("--image-size", type=int, nargs=3, metavar=("D", "H", "W"))
+    parser.add_argument("--variants", nargs="+", choices=slugs, default=slugs)
+    parser.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    parser.add_argument(
+        "--real-pairs",
+        nargs="+",
+        choices=REAL_PAIRS,
+        default=[],
+        help="also run each variant's network alone on these real brain pairs",
+    )
+    parser.add_argument("--data", default=str(real_scans.DATA), help="the shared real scans")
+    args, overrides = parser.parse_known_args(argv)
+    command = shlex.join(
+        ["python", "benchmarks/ablation.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    stray = [arg for arg in overrides if arg.startswith("-") and not arg.startswith("--config.")]
+    if stray:
+        print(
+            f"error: unknown arguments {stray}; config fields: --config.a.b=value", file=sys.stderr
+        )
+        return 1
+    data = Path(args.data).resolve()
+    if args.real_pairs and not (data / "brain" / "test_scan.npz").is_file():
+        print(
+            f"error: {data} does not hold the shared real scans (brain/test_scan.npz)",
+            file=sys.stderr,
+        )
+        return 1
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    from adreg_jax.evaluation import compare_runs, evaluate_run
+
+    workdir = Path(args.workdir)
+    try:
+        config = load_config(args.config, overrides)
+        if args.steps is not None:
+            config.train.max_steps = args.steps
+        if args.image_size:
+            config.data.image_size = tuple(args.image_size)
+        config.train.early_stopping_patience = 0
+        configs = variant_configs(config, args.variants)
+        if next(iter(ABLATIONS)) not in configs:
+            print(f"note: no full model; p-values are against {next(iter(configs))}")
+        if single_region(config):
+            print(
+                f"note: at image_size {tuple(config.data.image_size)} the deepest feature map is "
+                "one region: regional attention is the identity there"
+            )
+        runs = {name: workdir / variant_slug(name) for name in configs}
+        for name, variant in configs.items():
+            print(f"== {name}: {runs[name]}", flush=True)
+            status = train_variant(variant, runs[name])
+            if status == "skipped":
+                print(f"{runs[name]} finished already ({DONE_FILE}): not trained again")
+        results = {}
+        for name in configs:
+            results[name] = evaluate_run(config, runs[name], which=args.checkpoint, figures=0)
+        comparison = compare_runs(results)
+        real = {}
+        if args.real_pairs:
+            real = real_pair_metrics(runs, args.real_pairs, data, workdir / "real")
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    from adreg_jax.training import total_steps
+
+    table = ablation_table(
+        command,
+        comparison,
+        real,
+        cases=next(iter(results.values()))["cases"],
+        steps=total_steps(config.train),
+        dataset=str(config.data.dataset),
+    )
+    record = {
+        "command": command,
+        "config": json.loads(config.to_json_best_effort()),
+        "runs": {name: str(run) for name, run in runs.items()},
+        "generated": comparison["metrics"],
+        "real": real,
+    }
+    (workdir / "ablation.md").write_text(table)
+    (workdir / "ablation.json").write_text(json.dumps(record, indent=2))
+    print(table)
+    print(f"wrote {workdir}/ablation.md and ablation.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
