@@ -224,7 +224,13 @@ def ablation_table(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from absl import flags
+
     from adreg_jax.models import ABLATIONS
+
+    # Grain's worker processes read absl flags (train.py parses them through absl.app)
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
     slugs = [variant_slug(name) for name in ABLATIONS]
     parser = argparse.ArgumentParser(

@@ -83,10 +83,13 @@ def test_conv_transpose_matches_flax_with_the_same_parameters(impl):
 
 def test_model_is_the_same_function_with_the_same_parameters_for_every_conv_impl_and_remat():
     fixed, moving = pair((16, 16, 16), seed=2)
+    # Three levels: every kind of convolution, upsampling, attention and the multi-resolution
+    # heads, with fewer programs to compile than tiny_config's four. Folded without remat is
+    # checked against lax above (each convolution) and against remat below (a chain of blocks).
+    small = dict(channels=(4, 8, 8), cross_attention_levels=(1, 2))
     variants = {
-        "native": tiny_config(conv_impl="native"),
-        "folded": tiny_config(conv_impl="folded"),
-        "folded+remat": tiny_config(conv_impl="folded", remat=True),
+        "native": tiny_config(conv_impl="native", **small),
+        "folded+remat": tiny_config(conv_impl="folded", remat=True, **small),
     }
     models = {name: build_model(config) for name, config in variants.items()}
     params = models["native"].init(jax.random.key(0), fixed, moving)["params"]
@@ -112,7 +115,7 @@ def test_model_is_the_same_function_with_the_same_parameters_for_every_conv_impl
     # Relative to the largest gradient: some are zero in exact arithmetic (an attention key's
     # bias) and only rounding noise remains of them.
     scale = max(float(jnp.abs(g).max()) for g in flat_native.values())
-    for name in ("folded", "folded+remat"):
+    for name in ("folded+remat",):
         (_, ddf), grads = loss_and_grads(models[name])
         np.testing.assert_allclose(ddf, ddf_native, atol=1e-4, err_msg=name)
         for path, grad in traverse_util.flatten_dict(grads, sep="/").items():
