@@ -54,8 +54,11 @@ def _training_spacing(config: ml_collections.ConfigDict) -> list[float] | None:
     return [float(s) for s in build_dataset(config.data, "val", int(config.seed))[0]["spacing"]]
 
 
-def export(workdir: str | Path, name: str, out_dir: str | Path = WEIGHTS) -> Path:
-    """Write ``out_dir/NAME.npz`` from the best checkpoint of the train.py run in ``workdir``
+def export(
+    workdir: str | Path, name: str, out_dir: str | Path = WEIGHTS, which: str = "best"
+) -> Path:
+    """Write ``out_dir/NAME.npz`` from the best (or, ``which="latest"``, the latest) checkpoint
+    of the train.py run in ``workdir``
     (parameters float16) and, when none exists, a model card ``NAME.md`` with what the run
     recorded; returns the npz path. Refuses a file over 30 MB."""
     import jax
@@ -63,7 +66,7 @@ def export(workdir: str | Path, name: str, out_dir: str | Path = WEIGHTS) -> Pat
     from adreg_jax.training import restore_for_inference
 
     workdir, out_dir = Path(workdir), Path(out_dir)
-    config, model, variables = restore_for_inference(workdir)
+    config, model, variables = restore_for_inference(workdir, which)
     flat = traverse_util.flatten_dict(jax.device_get(variables["params"]), sep="/")
     arrays = {_PARAM_PREFIX + key: np.asarray(value, np.float16) for key, value in flat.items()}
     for key, value in arrays.items():
@@ -178,9 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     export_parser.add_argument(
         "--out-dir", default=str(WEIGHTS), help="where NAME.npz and NAME.md go"
     )
+    export_parser.add_argument(
+        "--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint"
+    )
     args = parser.parse_args(argv)
     try:
-        export(args.workdir, args.name, args.out_dir)
+        export(args.workdir, args.name, args.out_dir, args.checkpoint)
     except (ValueError, FileNotFoundError) as error:
         print(f"adreg_jax.pretrained: error: {error}", file=sys.stderr)
         return 1

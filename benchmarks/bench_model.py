@@ -158,7 +158,7 @@ def main() -> None:
         cells += [f"{fwd:.2f}" for fwd, _ in timings] + [f"{bwd:.2f}" for _, bwd in timings]
         for shape in memory_sizes:
             for dtype in args.dtypes:
-                cells.append(f"{step_memory_gb(overrides, shape, dtype):.1f}")
+                cells.append(f"{step_memory_gb(overrides, shape, dtype):.2f}")
         print("| " + " | ".join(cells) + " |", flush=True)
 
 
