@@ -67,36 +67,39 @@ def overview_figure(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     extra: Mapping[str, np.ndarray] | None = None,
     title: str | None = None,
+    jacobian: np.ndarray | None = None,
 ) -> Path:
     """One PNG: rows = axial, coronal, sagittal centre planes; columns = fixed, moving, warped,
     |fixed - moving|, |fixed - warped|, det J (folds, det J <= 0, in red), the deformed grid, and
-    one column per ``extra`` volume (e.g. an uncertainty map)."""
+    one column per ``extra`` volume (e.g. an uncertainty map). ``jacobian``: det J of ``ddf``
+    when the caller has it (computed here otherwise).
+
+    Only the three planes are drawn, so only they are computed at full resolution; the display
+    ranges are percentiles of every second voxel per axis (a DIR-Lab-sized CT, 141x256x256:
+    6.6-7.3 s -> 1.9-2.7 s)."""
     fixed, moving, warped = (np.asarray(v, np.float32) for v in (fixed, moving, warped))
     ddf = np.asarray(ddf, np.float32)
-    jac = np.asarray(ops.jacobian_determinant(ddf))
+    jac = np.asarray(ops.jacobian_determinant(ddf) if jacobian is None else jacobian)
     extra = dict(extra or {})
-    low, high = np.percentile(fixed, (1, 99.5))
-    diff_before = np.abs(fixed - moving)
-    diff_max = max(float(np.percentile(diff_before, 99.5)), 1e-6)
+    sample = (slice(None, None, 2),) * 3
+    low, high = np.percentile(fixed[sample], (1, 99.5))
+    diff_max = max(float(np.percentile(np.abs(fixed[sample] - moving[sample]), 99.5)), 1e-6)
     step = max(2, min(fixed.shape) // 24)
     columns = 7 + len(extra)
     figure = Figure(figsize=(2.0 * columns, 6.4), dpi=110)
     axes = figure.subplots(3, columns, squeeze=False)
     gray = {"cmap": "gray", "vmin": low, "vmax": high}
     hot = {"cmap": "magma", "vmin": 0.0, "vmax": diff_max}
-    panels = (
-        ("fixed", fixed, gray),
-        ("moving", moving, gray),
-        ("warped", warped, gray),
-        ("|fixed - moving|", diff_before, hot),
-        ("|fixed - warped|", np.abs(fixed - warped), hot),
+    panels = (  # (label, the plane along an axis, style)
+        ("fixed", lambda axis: _cut(fixed, axis), gray),
+        ("moving", lambda axis: _cut(moving, axis), gray),
+        ("warped", lambda axis: _cut(warped, axis), gray),
+        ("|fixed - moving|", lambda axis: np.abs(_cut(fixed, axis) - _cut(moving, axis)), hot),
+        ("|fixed - warped|", lambda axis: np.abs(_cut(fixed, axis) - _cut(warped, axis)), hot),
     )
     for row, (name, axis, plane) in enumerate(VIEWS):
-        for column, (label, volume, style) in enumerate(panels):
-            _show(
-                axes[row, column], _cut(volume, axis), spacing, plane, label if row == 0 else "",
-                **style,
-            )  # fmt: skip
+        for column, (label, cut, style) in enumerate(panels):
+            _show(axes[row, column], cut(axis), spacing, plane, label if row == 0 else "", **style)
         jac_cut = _cut(jac, axis)
         handle = _show(
             axes[row, 5],

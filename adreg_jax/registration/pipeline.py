@@ -313,6 +313,7 @@ def register_pair(
             ddf_vox,
             spacing=spacing,
             title=f"{Path(pair['moving']).name} -> {Path(pair['fixed']).name}",
+            jacobian=np.asarray(jacobian),
         )
     _write_json(out / "metrics.json", metrics)
     return metrics
