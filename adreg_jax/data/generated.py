@@ -43,6 +43,14 @@ def load_atlas(shape: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarr
     return np.clip(image, 0.0, 1.0), labels, spacing
 
 
+def pair_rng(seed: int, index: int, length: int) -> np.random.Generator:
+    """The random generator of pair ``index`` of a generated source of ``length`` pairs: the same
+    numbers for the same (seed, index), in any order and any worker process."""
+    if not 0 <= index < length:
+        raise IndexError(f"pair index {index} outside 0..{length - 1}")
+    return np.random.default_rng((seed, int(index)))
+
+
 def smooth_velocity(rng: np.random.Generator, shape: Sequence[int], max_voxels: float):
     """A random smooth velocity (D, H, W, 3): Gaussian noise on a grid 8 times coarser, linear
     upsampling, then a Gaussian blur of the coarse spacing's width (cheaper than cubic splines at
@@ -118,9 +126,7 @@ class GeneratedBrainPairs:
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        if not 0 <= index < self.length:
-            raise IndexError(f"pair index {index} outside 0..{self.length - 1}")
-        rng = np.random.default_rng((self.seed, int(index)))
+        rng = pair_rng(self.seed, index, self.length)
         image, labels, spacing = self._atlas
         anatomy = integrate(smooth_velocity(rng, self.shape, self.anatomy_voxels))
         subject = _resample(image, anatomy, order=1)

@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from adreg_jax.data.generated import _resample, integrate
+from adreg_jax.data.generated import _resample, integrate, pair_rng
 
 LUNG_LABELS = (1, 2)  # 1 body (soft tissue), 2 lungs
 
@@ -50,9 +50,7 @@ class GeneratedLungPairs:
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        if not 0 <= index < self.length:
-            raise IndexError(f"pair index {index} outside 0..{self.length - 1}")
-        rng = np.random.default_rng((self.seed, int(index)))
+        rng = pair_rng(self.seed, index, self.length)
         shape = tuple(int(n) for n in self.shape)
         spacing = np.asarray(self.field_of_view_mm, np.float32) / np.asarray(shape, np.float32)
         # normalised coordinates in [-1, 1] along each axis

@@ -34,7 +34,14 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from adreg_jax.data.generated import BRAIN_LABELS, _resample, integrate, load_atlas, smooth_velocity
+from adreg_jax.data.generated import (
+    BRAIN_LABELS,
+    _resample,
+    integrate,
+    load_atlas,
+    pair_rng,
+    smooth_velocity,
+)
 from adreg_jax.data.preprocess import crop_or_pad
 
 FULL_EXTENT = (96, 112, 96)  # voxels of 2 mm: 192 x 224 x 192 mm, the MNI152 2 mm grid's extent
@@ -200,9 +207,7 @@ class SynthBrainPairs:
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        if not 0 <= index < self.length:
-            raise IndexError(f"pair index {index} outside 0..{self.length - 1}")
-        rng = np.random.default_rng((self.seed, int(index)))
+        rng = pair_rng(self.seed, index, self.length)
         t1, labels, spacing = self._atlas
         fine = fine_labels(rng, t1, labels, self._shell_distance)
         num_labels = SUBLABELS * (max(BRAIN_LABELS) + 1)
