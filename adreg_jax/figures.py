@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 from adreg_jax import ops
@@ -50,10 +51,10 @@ def _grid_lines(ax, ddf_plane: np.ndarray, plane, step: int):
     dh, dv = ddf_plane[..., h_axis], ddf_plane[..., v_axis]
     hh, vv = np.meshgrid(np.arange(n_h), np.arange(n_v), indexing="ij")
     xs, ys = hh + dh, vv + dv
-    for i in range(0, n_h, step):
-        ax.plot(xs[i, :], ys[i, :], color="k", linewidth=0.5)
-    for j in range(0, n_v, step):
-        ax.plot(xs[:, j], ys[:, j], color="k", linewidth=0.5)
+    # one LineCollection, not a Line2D per grid line (a few dozen artists per panel)
+    lines = [np.stack([xs[i, :], ys[i, :]], axis=-1) for i in range(0, n_h, step)]
+    lines += [np.stack([xs[:, j], ys[:, j]], axis=-1) for j in range(0, n_v, step)]
+    ax.add_collection(LineCollection(lines, colors="k", linewidths=0.5))
     ax.set_xlim(-0.5, n_h - 0.5)
     ax.set_ylim(-0.5, n_v - 0.5)
 

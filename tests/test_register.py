@@ -139,9 +139,13 @@ def test_levels_shrink_fine_axes_first_and_stop_by_cost_and_motion():
     from adreg_jax.registration import levels
 
     # 0.5 x 0.5 x 3 mm slices: in-plane shrunk to near-isotropic voxels, the slices kept; the
-    # finest level by cost (0.5 mm: 2.8 M voxels > 1.2 M), the coarsest at >= 10 / 2.5 mm
+    # finest level near isotropic (1 x 1 x 3 mm is not: 2 x 2 x 3 mm), the coarsest at >= 10 /
+    # 2.5 mm
     thick = ((384, 384, 19), (0.5, 0.5, 3.0))
-    assert levels.deformable_levels(*thick, motion_mm=10.0) == [(8, 8, 1), (4, 4, 1), (2, 2, 1)]
+    assert levels.deformable_levels(*thick, motion_mm=10.0) == [(8, 8, 1), (4, 4, 1)]
+    # the small lung CT, 2.7 x 2.7 x 5 mm: no full-resolution level (2.7 x 2.7 x 5 mm voxels)
+    lung = ((57, 78, 64), (2.732, 2.732, 5.0))
+    assert levels.deformable_levels(*lung, 20.0, finest_mm=2.732) == [(4, 4, 2), (2, 2, 1)]
     # a moving scan of 2 mm voxels: nothing finer than 2 mm
     assert levels.deformable_levels(*thick, 10.0, finest_mm=2.0) == [(8, 8, 1), (4, 4, 1)]
     assert levels.affine_levels(*thick) == [(16, 16, 1), (8, 8, 1)]
@@ -152,7 +156,53 @@ def test_levels_shrink_fine_axes_first_and_stop_by_cost_and_motion():
     assert levels.level_shape((384, 384, 19), (8, 8, 1)) == (48, 48, 19)
     np.testing.assert_allclose(levels.level_spacing((384, 384, 19), (0.5, 0.5, 3.0), (8, 8, 1)),
                                (4.0, 4.0, 3.0))  # fmt: skip
-    assert levels.default_steps(2) == (60, 20) and levels.default_steps(4) == (60, 60, 40, 20)
+    # steps by a level's cost: 60 while cheap, ~10 on a million voxels (never below 8)
+    assert levels.default_steps([8_512, 69_888]) == (60, 60)
+    assert levels.default_steps([107_520, 860_160]) == (60, 12)
+    assert levels.default_steps([100_000_000]) == (8,)
+    assert levels.level_voxels((160, 224, 192), [(4, 4, 4), (2, 2, 2)]) == [107_520, 860_160]
+    # the affine stage: 100 at its coarsest level, by cost at the finer
+    assert levels.affine_steps([13_440, 107_520]) == (100, 37)
+    assert levels.affine_steps([200_000, 8_000]) == (100, 100)
+
+
+def test_resampling_between_grids_shifted_by_whole_voxels_is_a_copy():
+    from adreg_jax.registration.loading import resample_to_grid
+
+    rng = np.random.default_rng(0)
+    volume = rng.random((9, 10, 11)).astype(np.float32)
+    labels = rng.integers(0, 4, (9, 10, 11)).astype(np.int32)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = (-98.0, -134.0, -72.0)
+    for shift in ((3, -2, 1), (0, 0, 0), (12, 0, 0)):
+        target = affine.copy()
+        target[:3, 3] += shift
+        for image, order in ((volume, 1), (labels, 0)):
+            got = resample_to_grid(image, affine, (7, 12, 10), target, order)
+            grid = np.indices((7, 12, 10), dtype=np.float64).reshape(3, -1) + np.reshape(
+                shift, (3, 1)
+            )
+            expected = ndimage.map_coordinates(image, grid, order=order, mode="constant")
+            assert got.dtype == image.dtype
+            np.testing.assert_array_equal(got, expected.reshape(7, 12, 10))
+
+
+def test_resize_linear_matches_jax_image_resize():
+    import jax
+    import jax.numpy as jnp
+
+    from adreg_jax import ops
+    from adreg_jax.ops.resample import resize_linear
+
+    rng = np.random.default_rng(0)
+    for source, target in (((10, 14, 12), (20, 28, 24)), ((57, 8, 9), (14, 19, 32))):
+        x = jnp.asarray(rng.normal(size=(2, *source, 3)), jnp.float32)
+        expected = jax.image.resize(x, (2, *target, 3), "linear")
+        np.testing.assert_allclose(resize_linear(x, target), expected, atol=2e-5)
+        scale = jnp.asarray([t / s for t, s in zip(target, source, strict=True)]).reshape(
+            1, 1, 1, 1, 3
+        )
+        np.testing.assert_allclose(ops.resize_ddf(x, target), expected * scale, atol=2e-5)
 
 
 def test_smoothness_is_measured_in_millimetres():

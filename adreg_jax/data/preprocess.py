@@ -13,7 +13,6 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +117,8 @@ def lung_bounding_box(volume_hu: np.ndarray, air_below: float = -500.0) -> np.nd
     drop out). Volumes wider than 256 voxels in-plane are searched every 2nd (4th...) voxel.
     None when no such air exists.
     """
+    from scipy import ndimage  # here: reading NIfTI files (nifti.py) needs no SciPy
+
     step = max(1, max(volume_hu.shape[1:3]) // 256)
     air = np.asarray(volume_hu[:, ::step, ::step]) < air_below
     in_plane = np.zeros((3, 3, 3), bool)
@@ -163,6 +164,8 @@ def resample(
     volume: np.ndarray, shape: Sequence[int], order: int = 1
 ) -> tuple[np.ndarray, GridMap]:
     """Resample the first three axes to ``shape`` (voxel centres aligned, grid_mode)."""
+    from scipy import ndimage
+
     grid_map = resample_map(volume.shape[:3], shape)
     factors = grid_map.scale
     out = ndimage.zoom(

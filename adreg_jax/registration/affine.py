@@ -20,7 +20,7 @@ import optax
 
 from adreg_jax import ops
 from adreg_jax.registration.deformable import resize_image
-from adreg_jax.registration.levels import affine_levels, level_shape
+from adreg_jax.registration.levels import affine_levels, affine_steps, level_shape, level_voxels
 from adreg_jax.registration.similarity import similarity_fn
 
 
@@ -46,7 +46,7 @@ def optimise_affine(
     fixed: jnp.ndarray,
     moving: jnp.ndarray,
     similarity: str = "ncc",
-    steps: int = 100,
+    steps: int | Sequence[int] | None = None,
     factors: Sequence[int | Sequence[int]] | None = None,
     learning_rate: float = 0.01,
     progress: bool = True,
@@ -58,24 +58,33 @@ def optimise_affine(
     ``factors``: the downsampling of each level (one number, or one per axis); by default
     ``levels.affine_levels`` of the fixed grid's shape and ``spacing`` (mm): voxels of about 8
     and 4 mm, near isotropic ((8, 8, 8), (4, 4, 4) for a 1 mm brain; (16, 16, 1), (8, 8, 1) for
-    0.5 x 0.5 x 3 mm slices).
+    0.5 x 0.5 x 3 mm slices). ``steps``: Adam steps at every level (one number) or one per level;
+    by default ``levels.affine_steps`` (by each level's cost).
     """
     from tqdm import tqdm
 
     shape = fixed.shape[1:4]
     if factors is None:
         factors = affine_levels(shape, spacing)
+    if steps is None:
+        per_level = list(affine_steps(level_voxels(shape, factors)))
+    elif isinstance(steps, int):
+        per_level = [steps] * len(factors)
+    else:
+        per_level = list(steps)
+    if len(per_level) != len(factors):
+        raise ValueError(f"steps {steps}: expected one number or one per level of {factors}")
     half = np.asarray(shape, np.float64) / 2.0
     shift = centre_of_mass(moving[0, ..., 0]) - centre_of_mass(fixed[0, ..., 0])
     params = {"matrix": jnp.zeros((3, 3)), "translation": jnp.asarray(shift / half, jnp.float32)}
     optimizer, step = _affine_step(similarity, float(learning_rate))
-    bar = tqdm(total=steps * len(factors), desc="affine", disable=not progress)
-    for factor in factors:
+    bar = tqdm(total=sum(per_level), desc="affine", disable=not progress)
+    for factor, level_steps in zip(factors, per_level, strict=True):
         grid = level_shape(shape, factor)
         fixed_l, moving_l = resize_image(fixed, grid), resize_image(moving, grid)
 
         state = optimizer.init(params)
-        for _ in range(steps):
+        for _ in range(level_steps):
             params, state, loss = step(params, state, fixed_l, moving_l)
             bar.update(1)
         if progress:

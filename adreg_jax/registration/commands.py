@@ -142,15 +142,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="optimise an affine map first (for scans that are not pre-aligned)",
     )
-    parser.add_argument("--affine-steps", type=int, default=100, help="Adam steps per level")
+    parser.add_argument(
+        "--affine-steps",
+        type=int,
+        default=None,
+        help="Adam steps of the affine stage at each level (default: by the level's cost, "
+        "registration.levels.affine_steps: 100 at the coarsest, fewer on a level of many voxels)",
+    )
     parser.add_argument(
         "--instance-steps",
         type=int,
         nargs="+",
         default=None,
         help="Adam steps of the instance optimisation, one number for every level or one per "
-        "level (0: network prediction, or affine, only; default: 60 at the coarsest level, 20 "
-        "at the finest, 40 between)",
+        "level (0: network prediction, or affine, only; default: by each level's cost, "
+        "registration.levels.default_steps: 60 on levels up to 170 k voxels, 10 on a level of "
+        "a million)",
     )
     parser.add_argument(
         "--levels",

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from adreg_jax import ops
+from adreg_jax.ops.resample import resize_linear
 from adreg_jax.registration.levels import level_shape
 from adreg_jax.registration.similarity import SIMILARITIES, similarity_fn
 
@@ -35,8 +36,8 @@ DEFAULT_SMOOTH_WEIGHT = {"ct": 1.0, "mr": 0.25}
 
 @functools.partial(jax.jit, static_argnums=1)
 def resize_image(image: jnp.ndarray, shape: Sequence[int]) -> jnp.ndarray:
-    """image (1, D, H, W, C) resized (linear) to ``shape``."""
-    return jax.image.resize(image, (image.shape[0], *shape, image.shape[-1]), "linear")
+    """image (1, D, H, W, C) resized (linear, ``jax.image.resize``'s weights) to ``shape``."""
+    return resize_linear(image.astype(jnp.float32), tuple(shape)).astype(image.dtype)
 
 
 def smoothness_mm(velocity: jnp.ndarray, spacing_mm: jnp.ndarray) -> jnp.ndarray:
@@ -81,7 +82,19 @@ def _level_step(
         updates, opt_state = optimizer.update(grad, opt_state, velocity)
         return optax.apply_updates(velocity, updates), opt_state, loss
 
-    return optimizer, step
+    # A level's inputs in one program (op by op, each resize and the optimizer's zeros were
+    # programs of their own, each traced, lowered and fetched from the compilation cache).
+    @functools.partial(jax.jit, static_argnums=(4, 5))
+    def start(fixed, moving, masks, velocity, image_shape, grid_shape):
+        fixed_l, moving_l = resize_image(fixed, image_shape), resize_image(moving, image_shape)
+        masks_l = None if masks is None else tuple(resize_image(m, image_shape) for m in masks)
+        if velocity is None:
+            velocity = jnp.zeros((1, *grid_shape, 3), jnp.float32)
+        else:
+            velocity = ops.resize_ddf(velocity.astype(jnp.float32), grid_shape)
+        return fixed_l, moving_l, masks_l, velocity, optimizer.init(velocity)
+
+    return optimizer, step, start
 
 
 def instance_optimise(fixed: jnp.ndarray, moving: jnp.ndarray, steps, **options) -> jnp.ndarray:
@@ -130,7 +143,7 @@ def optimise_velocity(
     from tqdm import tqdm
 
     shape = fixed.shape[1:4]
-    velocity = None if initial is None else initial.astype(jnp.float32)
+    velocity = initial
     per_level = [steps] * len(factors) if isinstance(steps, int) else list(steps)
     if len(per_level) != len(factors):
         raise ValueError(f"steps {steps}: expected one number or one per level of {factors}")
@@ -138,21 +151,18 @@ def optimise_velocity(
     for factor, level_steps in zip(factors, per_level, strict=True):
         image_shape = level_shape(shape, factor)
         grid_shape = level_shape(image_shape, grid_factor)
-        fixed_l, moving_l = resize_image(fixed, image_shape), resize_image(moving, image_shape)
-        masks_l = None if masks is None else tuple(resize_image(m, image_shape) for m in masks)
         # mm per control-grid voxel: the fixed grid's extent over the control grid's size
         grid_spacing = np.asarray(spacing, np.float32) * np.asarray(shape) / np.asarray(grid_shape)
-        if velocity is None:
-            velocity = jnp.zeros((1, *grid_shape, 3), jnp.float32)
-        else:
-            velocity = ops.resize_ddf(velocity, grid_shape)
-        optimizer, step = _level_step(
+        grid_spacing = jnp.asarray(grid_spacing.astype(np.float32))
+        _, step, start = _level_step(
             similarity, float(smooth_weight), int(integration_steps), float(learning_rate)
         )
-        opt_state = optimizer.init(velocity)
+        fixed_l, moving_l, masks_l, velocity, opt_state = start(
+            fixed, moving, masks, velocity, tuple(image_shape), tuple(grid_shape)
+        )
         for _ in range(level_steps):
             velocity, opt_state, loss = step(
-                velocity, opt_state, fixed_l, moving_l, jnp.asarray(grid_spacing), masks_l
+                velocity, opt_state, fixed_l, moving_l, grid_spacing, masks_l
             )
             bar.update(1)
         if progress:

@@ -15,10 +15,14 @@ fixed grid, one interpolation from its own grid), the transform (``transform.jso
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -27,7 +31,6 @@ import numpy as np
 
 from adreg_jax import ops
 from adreg_jax.data.nifti import read_points, save_nifti
-from adreg_jax.pretrained import weights_path
 from adreg_jax.registration.affine import affine_warp, optimise_affine
 from adreg_jax.registration.deformable import (
     DEFAULT_SMOOTH_WEIGHT,
@@ -35,10 +38,15 @@ from adreg_jax.registration.deformable import (
     optimise_velocity,
     velocity_to_ddf,
 )
-from adreg_jax.registration.levels import DEFAULT_MOTION_MM, default_steps, deformable_levels
+from adreg_jax.registration.levels import (
+    DEFAULT_MOTION_MM,
+    default_steps,
+    deformable_levels,
+    level_voxels,
+)
 from adreg_jax.registration.loading import (
     check_points_inside,
-    detect_modality,
+    detect_and_normalise,
     load_mask,
     load_segmentations,
     load_volume,
@@ -47,7 +55,7 @@ from adreg_jax.registration.loading import (
     resample_to_grid,
     spacing_of,
 )
-from adreg_jax.registration.metrics import dice_report, field_and_image_metrics
+from adreg_jax.registration.metrics import dice_report, field_and_image_metrics, mean_tre
 from adreg_jax.registration.similarity import similarity_fn
 from adreg_jax.registration.transform import (
     Grid,
@@ -60,23 +68,25 @@ from adreg_jax.registration.transform_io import ddf_voxels_to_world_mm, save_tra
 
 _compose = jax.jit(ops.compose)
 
-# (raw array, affine, normalised array) of a scan; a cohort passes a caching loader so that an
-# atlas shared by many pairs is read once.
-Loaded = tuple[np.ndarray, np.ndarray, np.ndarray]
+# (raw array, affine, normalised array, detected modality) of a scan; a cohort passes a caching
+# loader so that an atlas shared by many pairs is read once.
+Loaded = tuple[np.ndarray, np.ndarray, np.ndarray, str]
 
 
 def load_scan(path: str, name: str) -> Loaded:
     """(array in its own intensities, affine, array normalised to [0, 1] as its detected
-    modality) of a 3-D scan."""
+    modality, that modality) of a 3-D scan."""
     raw, affine = load_volume(path, name)
-    return raw, affine, normalise(raw, path, detect_modality(raw))
+    normalised, modality = detect_and_normalise(raw, path)
+    return raw, affine, normalised, modality
 
 
-def _steps(args: argparse.Namespace, levels: int) -> list[int]:
-    """Adam steps per deformable level: ``--instance-steps`` (one number for all, or one per
-    level) or ``levels.default_steps``."""
+def _steps(args: argparse.Namespace, voxels: list[int]) -> list[int]:
+    """Adam steps per deformable level (``voxels``: the voxel count of each level's grid):
+    ``--instance-steps`` (one number for all, or one per level) or ``levels.default_steps``."""
+    levels = len(voxels)
     if args.instance_steps is None:
-        return list(default_steps(levels))
+        return list(default_steps(voxels))
     if len(args.instance_steps) not in (1, levels):
         raise ValueError(
             f"--instance-steps {args.instance_steps}: give one number, or one per level of the "
@@ -95,6 +105,8 @@ def check_options(args: argparse.Namespace) -> None:
             f"--model {model} and --checkpoint {args.checkpoint}: give one network, not both"
         )
     if model:
+        from adreg_jax.pretrained import weights_path  # Flax: only with a network
+
         weights_path(model)  # an unknown name fails here, before any scan is read
     network = bool(args.checkpoint or model)
     if max(steps) <= 0 and not network and not args.affine:
@@ -118,6 +130,27 @@ def check_options(args: argparse.Namespace) -> None:
         )
 
 
+def _on_device(volume: np.ndarray) -> jnp.ndarray:
+    """(D, H, W) -> (1, D, H, W, 1) float32 on the device, reshaped on the host (indexing a device
+    array is a compiled program of its own)."""
+    return jnp.asarray(np.asarray(volume, np.float32)[None, ..., None])
+
+
+def _prefetch_figures() -> None:
+    """Import matplotlib (for overview.png, 0.3-0.5 s) in a background thread while the
+    registration runs: the import mostly waits on files and the registration mostly on XLA, and
+    the PNG's own import then finds it done (or waits on the import lock for the rest)."""
+
+    def run() -> None:
+        try:
+            importlib.import_module("adreg_jax.figures")
+        except Exception:  # the PNG's own import reports it
+            pass
+
+    if "adreg_jax.figures" not in sys.modules:
+        threading.Thread(target=run, name="import-figures", daemon=True).start()
+
+
 def _write_json(path: Path, record: dict) -> None:
     """Written under a temporary name and renamed: a killed run leaves no half-written file."""
     temporary = path.with_suffix(".json.partial")
@@ -137,9 +170,11 @@ def register_pair(
     flags); write the outputs into ``out``; return the metrics (with ``extra`` added)."""
     started = time.perf_counter()
     check_options(args)
-    fixed_raw, fixed_affine, fixed = load(pair["fixed"], "--fixed")
-    moving_raw, moving_affine, moving_norm = load(pair["moving"], "--moving")
-    modality = {"fixed": detect_modality(fixed_raw), "moving": detect_modality(moving_raw)}
+    if not args.no_png:
+        _prefetch_figures()
+    fixed_raw, fixed_affine, fixed, fixed_modality = load(pair["fixed"], "--fixed")
+    moving_raw, moving_affine, moving_norm, moving_modality = load(pair["moving"], "--moving")
+    modality = {"fixed": fixed_modality, "moving": moving_modality}
     if args.modality != "auto":  # as told, not as detected
         modality = {"fixed": args.modality, "moving": args.modality}
         fixed = normalise(fixed_raw, pair["fixed"], args.modality)
@@ -158,7 +193,7 @@ def register_pair(
         if pair.get("moving_mask"):
             native = load_mask(pair["moving_mask"], "--moving-mask", *moving_info)
             moving_mask = resample_to_grid(native, moving_affine, shape, fixed_affine, order=1)
-        masks = tuple(jnp.asarray(m)[None, ..., None] for m in (fixed_mask, moving_mask))
+        masks = tuple(_on_device(m) for m in (fixed_mask, moving_mask))
     points = None
     if bool(pair.get("fixed_points")) != bool(pair.get("moving_points")):
         raise ValueError("give both --fixed-points and --moving-points, or neither")
@@ -184,10 +219,9 @@ def register_pair(
         levels = deformable_levels(
             shape, spacing, motion_mm, finest_mm=float(np.min(spacing_of(moving_affine)))
         )
-    steps = _steps(args, len(levels))
+    steps = _steps(args, level_voxels(shape, levels))
 
-    fixed_j = jnp.asarray(fixed)[None, ..., None]
-    moving_j = jnp.asarray(moving)[None, ..., None]
+    fixed_j, moving_j = _on_device(fixed), _on_device(moving)
     loaded = time.perf_counter()
     progress = not args.quiet
     affine, affine_voxel, velocity = None, None, None
@@ -239,7 +273,7 @@ def register_pair(
     registered = time.perf_counter()
     stages["deformable"] = registered - loaded - stages["affine"] - stages["network"]
 
-    ddf_vox = np.asarray(ddf[0])
+    ddf_vox = np.asarray(ddf)[0]
     fixed_grid, moving_grid = Grid(shape, fixed_affine), Grid(moving_raw.shape, moving_affine)
     transform = Transform(
         fixed_grid,
@@ -268,52 +302,64 @@ def register_pair(
 
     warped_norm, jacobian, image_metrics = field_and_image_metrics(
         ddf, moving_j, fixed_j, args.similarity
-    )
+    )  # dispatched: XLA computes while the files below are written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_transform(out, transform, {"fixed": str(pair["fixed"]), "moving": str(pair["moving"])})
-    warped = transform.warp(moving_raw, moving_affine, order=1, name=pair["moving"])
-    save_nifti(out / "warped.nii.gz", warped, fixed_affine)
-    save_nifti(out / "jacobian.nii.gz", np.asarray(jacobian), fixed_affine)
-    metrics.update({key: float(value) for key, value in image_metrics.items()})
-    if affine is not None:
-        metrics["affine_matrix"] = np.asarray(matrix + np.eye(3)).round(5).tolist()
-        metrics["affine_translation_vox"] = (
-            np.asarray(translation * np.asarray(shape) / 2.0).round(3).tolist()
-        )
-        metrics["affine_world"] = np.asarray(transform.affine_world).round(6).tolist()
-    if "moving" in segs:
-        # From the moving segmentation's own grid through the transform, as adreg-apply --labels.
-        warped_seg = transform.warp(
-            segs["moving_native"], moving_affine, order=0, name=pair["moving_seg"]
-        )
-        save_nifti(out / "warped_seg.nii.gz", warped_seg, fixed_affine)
-        if "fixed" in segs:
-            metrics.update(dice_report(segs["fixed"], segs["moving"], warped_seg))
-    if points is not None:
-        fixed_points, moving_points = points
-        metrics["tre_mm"] = float(jnp.mean(ops.tre(fixed_points, moving_points, ddf[0], spacing)))
-        before = ops.tre(fixed_points, moving_points, jnp.zeros_like(ddf[0]), spacing)
-        metrics["tre_mm_before"] = float(jnp.mean(before))
-    # time_s: the whole command but the PNG; time_register_s: arrays in memory to the final field
-    # (affine, network, instance optimisation, JIT compilation included): what a registration
-    # library's own call costs, the figure to set beside ANTs' ants.registration time.
-    metrics["time_s"] = time.perf_counter() - started
+    sources = {"fixed": str(pair["fixed"]), "moving": str(pair["moving"])}
+    # Files are compressed in writer threads (ISA-L releases the GIL) while this thread warps,
+    # measures and draws; metrics.json is written last, once they are all on disk.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="adreg-write") as writer:
+        pending = [writer.submit(save_transform, out, transform, sources)]
+        warped = transform.warp(moving_raw, moving_affine, order=1, name=pair["moving"])
+        pending.append(writer.submit(save_nifti, out / "warped.nii.gz", warped, fixed_affine))
+        jacobian = np.asarray(jacobian)
+        pending.append(writer.submit(save_nifti, out / "jacobian.nii.gz", jacobian, fixed_affine))
+        metrics.update({key: float(value) for key, value in image_metrics.items()})
+        if affine is not None:
+            metrics["affine_matrix"] = np.asarray(matrix + np.eye(3)).round(5).tolist()
+            metrics["affine_translation_vox"] = (
+                np.asarray(translation * np.asarray(shape) / 2.0).round(3).tolist()
+            )
+            metrics["affine_world"] = np.asarray(transform.affine_world).round(6).tolist()
+        if "moving" in segs:
+            # From the moving segmentation's own grid through the transform, as adreg-apply
+            # --labels.
+            warped_seg = transform.warp(
+                segs["moving_native"], moving_affine, order=0, name=pair["moving_seg"]
+            )
+            pending.append(
+                writer.submit(save_nifti, out / "warped_seg.nii.gz", warped_seg, fixed_affine)
+            )
+            if "fixed" in segs:
+                metrics.update(dice_report(segs["fixed"], segs["moving"], warped_seg))
+        if points is not None:
+            fixed_points, moving_points = points
+            after, before = mean_tre(fixed_points, moving_points, ddf, jnp.asarray(spacing))
+            metrics["tre_mm"], metrics["tre_mm_before"] = float(after), float(before)
+        drawn = time.perf_counter()
+        if not args.no_png:
+            from adreg_jax.figures import overview_figure
+
+            overview_figure(
+                out / "overview.png",
+                fixed,
+                moving,
+                np.asarray(warped_norm)[0, ..., 0],
+                ddf_vox,
+                spacing=spacing,
+                title=f"{Path(pair['moving']).name} -> {Path(pair['fixed']).name}",
+                jacobian=jacobian,
+            )
+        drawn = time.perf_counter() - drawn
+        for job in pending:
+            job.result()  # a failed write raises here
+    # time_s: the whole command but drawing the PNG; time_register_s: arrays in memory to the
+    # final field (affine, network, instance optimisation, JIT compilation included): what a
+    # registration library's own call costs, the figure to set beside ANTs' ants.registration
+    # time.
+    metrics["time_s"] = time.perf_counter() - started - drawn
     metrics["time_load_s"] = loaded - started
     metrics["time_register_s"] = registered - loaded
     metrics.update({f"time_{name}_s": value for name, value in stages.items()})
-    if not args.no_png:
-        from adreg_jax.figures import overview_figure
-
-        overview_figure(
-            out / "overview.png",
-            fixed,
-            moving,
-            np.asarray(warped_norm[0, ..., 0]),
-            ddf_vox,
-            spacing=spacing,
-            title=f"{Path(pair['moving']).name} -> {Path(pair['fixed']).name}",
-            jacobian=np.asarray(jacobian),
-        )
     _write_json(out / "metrics.json", metrics)
     return metrics

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adreg_jax import ops
+from adreg_jax.ops.resample import _sample as _sample_components
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,17 +169,30 @@ def _apply_affine(points: jnp.ndarray, matrix: jnp.ndarray) -> jnp.ndarray:
 @functools.partial(jax.jit, static_argnums=(5, 6, 7))
 def _pull(image, ddf_mm, voxel_map, world_to_moving, field_map, shape, order, own_grid):
     """The warped image on a grid of ``shape``: see ``Transform.warp``."""
-    grid = ops.identity_grid(shape)
+    # Coordinates one component at a time: products with a (..., 3) minor axis ran slowly on
+    # XLA:CPU (a 1 mm brain's warp 0.8 -> 0.3 s).
+    iota = [jax.lax.broadcasted_iota(jnp.float32, shape, axis) for axis in range(3)]
     if own_grid:
-        displacement = ddf_mm
+        displacement = [ddf_mm[..., k] for k in range(3)]
     else:
-        field_coords = _apply_affine(grid, field_map)
+        field_coords = jnp.stack(_map_components(iota, field_map), axis=-1)
         displacement = ops.sample(
             ddf_mm[None], field_coords.reshape(1, -1, 3), order=1, mode="constant"
         ).reshape(*shape, 3)
-    coords = _apply_affine(grid, voxel_map) + displacement @ world_to_moving.T
-    warped = ops.sample(image[None, ..., None], coords.reshape(1, -1, 3), order, "constant")
+        displacement = [displacement[..., k] for k in range(3)]
+    coords = [
+        c + sum(world_to_moving[k, j] * displacement[j] for j in range(3))
+        for k, c in enumerate(_map_components(iota, voxel_map))
+    ]
+    flat = tuple(c.reshape(1, -1) for c in coords)
+    warped = _sample_components(image[None, ..., None], flat, order, "constant")
     return warped.reshape(shape)
+
+
+def _map_components(iota: list[jnp.ndarray], matrix: jnp.ndarray) -> list[jnp.ndarray]:
+    """The three components of ``_apply_affine`` at the voxels of a grid (``iota``: its
+    coordinate arrays along each axis)."""
+    return [sum(matrix[k, j] * iota[j] for j in range(3)) + matrix[k, 3] for k in range(3)]
 
 
 def affine_voxel_matrix(matrix: np.ndarray, translation: np.ndarray, shape: Sequence[int]):

@@ -31,8 +31,13 @@ _RAS_TO_LPS = np.asarray([-1.0, -1.0, 1.0], np.float32)
 
 
 def ddf_voxels_to_world_mm(ddf_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """(D, H, W, 3) voxel displacements of a grid -> world (RAS+) mm displacements, float32."""
-    return (np.asarray(ddf_vox) @ np.asarray(affine)[:3, :3].T).astype(np.float32)
+    """(D, H, W, 3) voxel displacements of a grid -> world (RAS+) mm displacements, float32
+    (computed in float32: a 1 mm brain's field through float64 took 0.3-0.6 s)."""
+    linear = np.asarray(affine, np.float64)[:3, :3]
+    ddf_vox = np.asarray(ddf_vox, np.float32)
+    if np.count_nonzero(linear - np.diag(np.diag(linear))) == 0:  # axis-aligned: a scaling
+        return ddf_vox * np.diag(linear).astype(np.float32)
+    return ddf_vox @ linear.T.astype(np.float32)
 
 
 def ddf_to_itk(ddf_mm: np.ndarray) -> np.ndarray:
