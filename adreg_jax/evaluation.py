@@ -62,10 +62,41 @@ def case_metrics(
     batch = {k: jnp.asarray(v)[None] for k, v in pair.items()}
     if outputs is None:
         outputs = apply_fn(variables, batch["fixed"], batch["moving"])
-    ddf, warped = outputs["ddf"], outputs["warped"]
-    fixed, moving = batch["fixed"], batch["moving"]
+    ddf = outputs["ddf"]
+    row = dict(_image_metrics(batch["fixed"], batch["moving"], outputs["warped"], ddf))
+    if labels and "fixed_seg" in batch:
+        before, after = _label_dice(batch["moving_seg"], batch["fixed_seg"], ddf, tuple(labels))
+        row["dice_before"] = jnp.nanmean(before)
+        row["dice"] = jnp.nanmean(after)
+        for label, value in zip(labels, np.asarray(after), strict=True):
+            row[f"dice_label{label}"] = value
+        groups = structure_dice(dict(zip(labels, np.asarray(after), strict=True)))
+        if groups:
+            row["dice_17"] = np.nanmean(list(groups.values()))
+            row.update({f"dice_{name}": value for name, value in groups.items()})
+    if "fixed_points" in batch:
+        points = {k: batch[k] for k in _POINT_KEYS if k in batch}
+        row["landmarks"] = jnp.sum(tre_errors(points, ddf)[1])
+        if "points_outside" in pair:
+            row["landmarks_outside"] = pair["points_outside"]
+        if "case" in pair:
+            row["dirlab_case"] = pair["case"]
+        if "grid_scale" in pair:
+            row.update(original_mm_tre(pair, ddf[0]))
+        else:
+            row.update(_point_metrics(points, ddf))
+    return {key: float(np.asarray(value).reshape(-1)[0]) for key, value in row.items()}
+
+
+# The array work of ``case_metrics`` as compiled programs: run op by op, a case's ~100 small
+# operations each compiled on first use (2-5 s per new image size) and dispatched one by one.
+_POINT_KEYS = ("fixed_points", "moving_points", "points_mask", "spacing")
+
+
+@jax.jit
+def _image_metrics(fixed, moving, warped, ddf) -> dict[str, jnp.ndarray]:
     stats = ops.jacobian_stats(ddf)
-    row = {
+    return {
         "ncc_before": ops.ncc_local(moving, fixed),
         "ncc": ops.ncc_local(warped, fixed),
         "mse_before": ops.mse(moving, fixed),
@@ -77,32 +108,23 @@ def case_metrics(
         "jacobian_std": stats["std"],
         "jacobian_min": stats["min"],
     }
-    if labels and "fixed_seg" in batch:
-        warped_seg = ops.warp(batch["moving_seg"][..., None], ddf, order=0)[..., 0]
-        before = ops.dice(batch["moving_seg"], batch["fixed_seg"], labels)[0]
-        after = ops.dice(warped_seg, batch["fixed_seg"], labels)[0]
-        row["dice_before"] = jnp.nanmean(before)
-        row["dice"] = jnp.nanmean(after)
-        for label, value in zip(labels, np.asarray(after), strict=True):
-            row[f"dice_label{label}"] = value
-        groups = structure_dice(dict(zip(labels, np.asarray(after), strict=True)))
-        if groups:
-            row["dice_17"] = np.nanmean(list(groups.values()))
-            row.update({f"dice_{name}": value for name, value in groups.items()})
-    if "fixed_points" in batch:
-        _, mask = tre_errors(batch, ddf)
-        row["landmarks"] = jnp.sum(mask)
-        if "points_outside" in pair:
-            row["landmarks_outside"] = pair["points_outside"]
-        if "case" in pair:
-            row["dirlab_case"] = pair["case"]
-        if "grid_scale" in pair:
-            row.update(original_mm_tre(pair, ddf[0]))
-        else:
-            for key, field in (("tre_mm_before", jnp.zeros_like(ddf)), ("tre_mm", ddf)):
-                row[key] = mean_tre(batch, field)
-                row[f"{key}_std"] = _landmark_std(batch, field)
-    return {key: float(np.asarray(value).reshape(-1)[0]) for key, value in row.items()}
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _label_dice(moving_seg, fixed_seg, ddf, labels: tuple[int, ...]):
+    """Per-label Dice (len(labels),) before and after warping the moving labels by ``ddf``."""
+    warped_seg = ops.warp(moving_seg[..., None], ddf, order=0)[..., 0]
+    return ops.dice(moving_seg, fixed_seg, labels)[0], ops.dice(warped_seg, fixed_seg, labels)[0]
+
+
+@jax.jit
+def _point_metrics(points: dict[str, jnp.ndarray], ddf) -> dict[str, jnp.ndarray]:
+    """Mean and std of the TRE (mm) over the real landmarks, before (zero field) and after."""
+    row = {}
+    for key, field in (("tre_mm_before", jnp.zeros_like(ddf)), ("tre_mm", ddf)):
+        row[key] = mean_tre(points, field)
+        row[f"{key}_std"] = _landmark_std(points, field)
+    return row
 
 
 def original_mm_tre(pair: dict[str, np.ndarray], ddf: jnp.ndarray) -> dict[str, float]:
@@ -157,18 +179,29 @@ def tta_spread(apply_fn, variables, fixed, moving) -> dict[str, np.ndarray]:
 
     fixed, moving: (1, D, H, W, 1). Returns ``warped_std`` (D, H, W) and ``ddf_std`` (D, H, W,
     voxels)."""
-    warped, ddfs = [], []
-    for axis in (None, 1, 2, 3):
-        flip = (lambda x: x) if axis is None else (lambda x, a=axis: jnp.flip(x, axis=a))
-        ddf = flip(apply_fn(variables, flip(fixed), flip(moving))["ddf"])
-        if axis is not None:
-            ddf = ddf.at[..., axis - 1].multiply(-1.0)
-        ddfs.append(ddf[0])
-        warped.append(ops.warp(moving, ddf)[0, ..., 0])
-    ddfs, warped = jnp.stack(ddfs), jnp.stack(warped)
+    fixed, moving = np.asarray(fixed), np.asarray(moving)
+    ddfs = [apply_fn(variables, fixed, moving)["ddf"]]
+    for axis in _MIRROR_AXES:  # the inputs mirrored on the host: nothing to compile
+        mirrored = (np.flip(fixed, axis).copy(), np.flip(moving, axis).copy())
+        ddfs.append(apply_fn(variables, *mirrored)["ddf"])
+    return jax.tree.map(np.asarray, _mirror_spread(jnp.asarray(moving), tuple(ddfs)))
+
+
+_MIRROR_AXES = (1, 2, 3)
+
+
+@jax.jit
+def _mirror_spread(moving, ddfs) -> dict[str, jnp.ndarray]:
+    """The spread of ``tta_spread`` from its four predicted fields (as given, then mirrored along
+    ``_MIRROR_AXES``): the mirrored ones flipped back, their mirrored component negated."""
+    fields = [ddfs[0]]
+    for axis, ddf in zip(_MIRROR_AXES, ddfs[1:], strict=True):
+        fields.append(jnp.flip(ddf, axis).at[..., axis - 1].multiply(-1.0))
+    warped = jnp.stack([ops.warp(moving, field)[0, ..., 0] for field in fields])
+    fields = jnp.stack([field[0] for field in fields])
     return {
-        "warped_std": np.asarray(jnp.std(warped, axis=0)),
-        "ddf_std": np.asarray(jnp.sqrt(jnp.sum(jnp.var(ddfs, axis=0), axis=-1))),
+        "warped_std": jnp.std(warped, axis=0),
+        "ddf_std": jnp.sqrt(jnp.sum(jnp.var(fields, axis=0), axis=-1)),
     }
 
 

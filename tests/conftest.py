@@ -1,22 +1,56 @@
 """Makes JAX strict for every test: rank promotion raises, and two CPU devices exist so that the
-data-parallel code paths run here as they would on two GPUs (in every pytest-xdist worker too:
-each is its own process and reads this file).
+data-parallel code paths run here as they would on two GPUs.
 
-Random bits: ``jax_threefry_partitionable=False``. The partitionable threefry (JAX's default)
-costs XLA:CPU 2-5 s of compilation per generator shape (measured: 3-11 s for one
-``jax.random.normal`` of a 3x3x3x4x8 kernel, 0.3 s without), and a model's ``init`` draws one
-per parameter shape: most of a tiny model's start-up was compiling random number generators. The
-flag changes only which bits a key gives, not any code under test; set in the environment as well
-so that the ``train.py`` subprocesses of the resume test draw the same bits as the tests do.
+Everything is set through the environment before JAX is imported, so that it holds alike in this
+process, in every pytest-xdist worker and in the ``train.py`` / ``adreg-register`` subprocesses
+that some tests start (they inherit the environment).
+
+Compilation dominates the suite: its programs are tiny and run in milliseconds, but XLA:CPU
+takes seconds to compile each. Three settings cut that without changing what any test computes:
+
+- ``JAX_THREEFRY_PARTITIONABLE=0``. The partitionable threefry (JAX's default) costs XLA:CPU
+  2-5 s of compilation per generator shape (measured: 3-11 s for one ``jax.random.normal`` of a
+  3x3x3x4x8 kernel, 0.3 s without), and a model's ``init`` draws one per parameter shape. The
+  flag changes only which bits a key gives.
+- One persistent compilation cache for the session (``JAX_COMPILATION_CACHE_DIR``, a fresh
+  temporary folder, removed at the end): a program that several tests compile alike (the tiny
+  model's initialisation and training step, the evaluation step, a registration at one size) is
+  compiled once, by whichever process meets it first, and loaded by the others. A fresh folder,
+  so that a run never depends on what an earlier one left behind.
+- ``--xla_backend_optimization_level=0``: LLVM's optimisation of the generated CPU code is
+  about half of each compilation and buys nothing at the tests' sizes. XLA's HLO passes (fusion,
+  buffer assignment, which the memory tests read) run as always; the code computes the same
+  values, within the tests' float tolerances.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "2")
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # Set here by the first process (pytest itself, or the xdist controller), inherited by the
+    # workers and subprocesses, and removed by that same process when the session ends.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="adreg-jax-tests-xla-")
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+else:
+    _OWN_CACHE = None
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 2)
-jax.config.update("jax_numpy_rank_promotion", "raise")
-jax.config.update("jax_threefry_partitionable", os.environ["JAX_THREEFRY_PARTITIONABLE"] != "0")
+assert jax.config.jax_threefry_partitionable is False
+assert jax.config.jax_numpy_rank_promotion == "raise"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -116,11 +116,14 @@ def test_two_devices_give_the_same_parameters_as_one():
 
 
 TINY_CONFIG_FILE = """
-from configs import default
 from tests.test_training import tiny_config
 
 def get_config():
-    return tiny_config()
+    config = tiny_config()
+    config.train.max_steps = 4
+    config.train.eval_every = 2
+    config.train.checkpoint_every = 2
+    return config
 """
 
 
@@ -137,16 +140,22 @@ def run_train(config_file: Path, workdir: Path, **kwargs) -> subprocess.Popen:
     )
 
 
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while not path.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), process.communicate()[0][-2000:]
+
+
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     config_file = tmp_path / "tiny.py"
     config_file.write_text(TINY_CONFIG_FILE)
     reference = run_train(config_file, tmp_path / "reference")
+    # The second run starts once the first has compiled its programs (the session's
+    # compilation cache, tests/conftest.py), so that it loads them instead of compiling them too.
+    wait_for(tmp_path / "reference" / "checkpoints" / "2", reference)
     killed = run_train(config_file, tmp_path / "killed")
-    checkpoint = tmp_path / "killed" / "checkpoints" / "2"
-    deadline = time.time() + 240
-    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert checkpoint.exists(), killed.communicate()[0][-2000:]
+    wait_for(tmp_path / "killed" / "checkpoints" / "2", killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     resumed = run_train(config_file, tmp_path / "killed")

@@ -43,6 +43,7 @@ def jacobian_matrix(ddf: jnp.ndarray) -> jnp.ndarray:
     return grads + jnp.eye(3, dtype=grads.dtype).reshape((1,) * (grads.ndim - 2) + (3, 3))
 
 
+@jax.jit  # one program when called eagerly (evaluation, figures); inlined when traced
 def jacobian_determinant(ddf: jnp.ndarray) -> jnp.ndarray:
     """det(I + grad ddf) at every voxel: ddf (..., D, H, W, 3) -> (..., D, H, W).
 
@@ -61,6 +62,7 @@ def folding_fraction(ddf: jnp.ndarray) -> jnp.ndarray:
     return jnp.mean((det <= 0).astype(jnp.float32), axis=(-3, -2, -1))
 
 
+@jax.jit
 def jacobian_stats(ddf: jnp.ndarray) -> dict[str, jnp.ndarray]:
     """Summary of det(J) per batch item: mean, std, min and percent of voxels with det <= 0."""
     det = jacobian_determinant(ddf)
