@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,23 +71,31 @@ def test_loss_terms_and_weights():
     assert float(terms["tre_mm"]) == pytest.approx(18.0, rel=1e-5)
 
 
+def sgd_state(config, model, batch, mesh):
+    """The initial train state with plain SGD, placed on ``mesh``. Plain SGD: Adam would turn
+    float-rounding differences of near-zero gradients into full-size steps, hiding what the
+    two-device test checks (the sharded gradient itself)."""
+    state = training.create_train_state(config, model, batch)
+    state = state.replace(tx=optax.sgd(0.1), opt_state=optax.sgd(0.1).init(state.params))
+    return training.replicate(state, mesh)
+
+
 def test_train_step_learns_and_does_not_recompile():
+    # The same program as the one-device run of the next test: compiled once for both.
     config = tiny_config()
     model = build_model(config.model)
-    batch = random_batch()
-    state = training.create_train_state(config, model, batch)
+    batch = random_batch(batch_size=2, seed=1)
+    mesh = training.data_mesh(jax.devices()[:1])
+    state = sgd_state(config, model, batch, mesh)
     before = jax.tree.map(np.asarray, state.params)
-
-    def traced_step(state, batch, rng):
-        return step_impl(state, batch, rng)
-
-    step_impl = training.make_train_step(model, config.loss)
-    step = chex.assert_max_traces(traced_step, n=1)
-    jitted = jax.jit(step, donate_argnums=(0,))
+    step = training.make_train_step(model, config.loss)
+    losses = []
     for index in range(3):
-        state, metrics = jitted(state, batch, jax.random.key(index))
-        assert np.isfinite(float(metrics["loss"]))
+        state, metrics = step(state, training.shard_batch(batch, mesh), jax.random.key(index))
+        losses.append(float(metrics["loss"]))
+    assert step._cache_size() == 1  # one compilation for the three calls
     assert int(state.step) == 3
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     changed = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), before, state.params)
     assert any(jax.tree.leaves(changed))
 
@@ -101,11 +108,7 @@ def test_two_devices_give_the_same_parameters_as_one():
     results = []
     for devices in (jax.devices()[:1], jax.devices()[:2]):
         mesh = training.data_mesh(devices)
-        state = training.create_train_state(config, model, batch)
-        # Plain SGD: Adam would turn float-rounding differences of near-zero gradients into
-        # full-size steps, hiding what this test checks (the sharded gradient itself).
-        state = state.replace(tx=optax.sgd(0.1), opt_state=optax.sgd(0.1).init(state.params))
-        state = training.replicate(state, mesh)
+        state = sgd_state(config, model, batch, mesh)
         step = training.make_train_step(model, config.loss)
         for index in range(2):
             state, metrics = step(state, training.shard_batch(batch, mesh), jax.random.key(index))
