@@ -27,11 +27,12 @@ For a 1 mm brain this gives factors 4 and 2 (the levels the command used before)
 the finest), for the small lung CT at 2.7 x 2.7 x 5 mm (4, 4, 2), (2, 2, 1).
 
 Steps (``default_steps``): a level's Adam step costs about its voxel count, so each level gets
-``STEP_VOXEL_BUDGET / voxels`` steps, between ``MIN_STEPS`` and ``MAX_STEPS``: cheap coarse levels
-(and every level of a small scan) run 60, a level of a million voxels 10 (measured, Dice / TRE
-against steps at the finest level: 1 mm brains 0.738 / 0.767 with 20, 0.737 / 0.764 with 12 and
-0.762 with 9; the DIR-Lab-sized CT 0.50 mm with 20, 0.58 mm with 9; the small lung CT 0.73 mm
-with 40 at its (2, 2, 1) level, 0.71 mm with 60). The affine stage's steps follow the same rule
+``STEP_VOXEL_BUDGET / voxels`` steps, between ``MIN_STEPS`` and ``MAX_STEPS``: cheap levels (every
+level of a small scan) run 60, a 1 mm brain's 1/4 level 37-47 and its 1/2 level, like a
+DIR-Lab-sized CT's, 8 (measured, Dice / TRE against the steps of the two levels: 1 mm brains
+0.738 / 0.767 with 60 and 20, 0.733 / 0.760 with these; the DIR-Lab-sized CT 0.50 mm with 60 and
+20, 0.64 mm with 35 and 8; the small lung CT 0.73 mm with 40 at its (2, 2, 1) level, 0.71 mm
+with 60). The affine stage's steps follow the same rule
 (``affine_steps``): 100 at its coarsest level, where it finds the map, and where a step is
 cheap; fewer on a finer level of a million voxels.
 """
@@ -50,7 +51,7 @@ CAPTURE_VOXELS = 2.5
 DEFAULT_MOTION_MM = {"ct": 20.0, "mr": 10.0}
 AFFINE_COARSE_MM = 8.0
 # instance-optimisation Adam steps of a level: STEP_VOXEL_BUDGET / its voxels, clipped
-STEP_VOXEL_BUDGET = 10_000_000
+STEP_VOXEL_BUDGET = 5_000_000
 MIN_STEPS, MAX_STEPS = 8, 60
 # the affine stage's: AFFINE_STEP_VOXEL_BUDGET / voxels, at most AFFINE_MAX_STEPS
 AFFINE_STEP_VOXEL_BUDGET = 4_000_000

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adreg_jax import ops
+from adreg_jax.registration.deformable import resize_image
 from adreg_jax.registration.similarity import NCC_WINDOW, similarity_fn
 
 
@@ -36,25 +37,44 @@ def _ncc_pair(fixed, images, window: int, eps: float = 1e-5):
     return values
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def field_and_image_metrics(ddf, moving, fixed, similarity: str):
-    """(warped, det J, the image and folding metrics) of the final field, in one program."""
-    warped = ops.warp(moving, ddf)
+@jax.jit
+def warp_and_jacobian(ddf, moving):
+    """(moving warped by the final field, det J, % of det J <= 0): what the outputs need first."""
+    jacobian = ops.jacobian_determinant(ddf[0])
+    folding = 100.0 * jnp.mean((jacobian <= 0).astype(jnp.float32))
+    return ops.warp(moving, ddf), jacobian, folding
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def image_metrics(moving, warped, fixed, similarity: str, objective_shape=None):
+    """Local NCC (``ops.ncc_local``, window 9) and the chosen similarity's objective, before
+    (``moving``) and after (``warped``) registration: a second program, so that the command
+    can draw the PNG and write files while XLA computes it.
+
+    The objective is measured on a grid of ``objective_shape`` (the finest level's, where the
+    optimisation measured it; None: the full grid): at full resolution its NCC maps were half
+    of a 1 mm brain command's metrics (16 box sums over 7-9 M voxels)."""
     ncc_before, ncc_after = _ncc_pair(fixed, (moving, warped), 9)  # ops.ncc_local's window
+    if objective_shape is not None and tuple(objective_shape) != tuple(fixed.shape[1:4]):
+        moving, warped, fixed = (resize_image(x, objective_shape) for x in (moving, warped, fixed))
     if similarity == "ncc":  # the objective: local NCC, window NCC_WINDOW
         objective = _ncc_pair(fixed, (moving, warped), NCC_WINDOW)
     else:
         sim = similarity_fn(similarity)
         objective = (sim(moving, fixed), sim(warped, fixed))
-    jacobian = ops.jacobian_determinant(ddf[0])
-    metrics = {
+    return {
         "ncc_before": ncc_before,
         "ncc_after": ncc_after,
         f"{similarity}_objective_before": objective[0],
         f"{similarity}_objective_after": objective[1],
-        "folding_percent": 100.0 * jnp.mean((jacobian <= 0).astype(jnp.float32)),
     }
-    return warped, jacobian, metrics
+
+
+def field_and_image_metrics(ddf, moving, fixed, similarity: str):
+    """(warped, det J, the image and folding metrics) of the final field."""
+    warped, jacobian, folding = warp_and_jacobian(ddf, moving)
+    metrics = image_metrics(moving, warped, fixed, similarity)
+    return warped, jacobian, {**metrics, "folding_percent": folding}
 
 
 @jax.jit
@@ -65,49 +85,45 @@ def mean_tre(fixed_points, moving_points, ddf, spacing):
     return jnp.mean(after), jnp.mean(before)
 
 
-def _dice_by_counting(seg_a, seg_b, labels: list[int]) -> np.ndarray:
-    """``ops.dice`` (the same numbers: NaN for a label absent from both) from one joint histogram
-    of the two maps, on the host: per label, a reduction over every voxel ran as a slow fused
-    loop on XLA:CPU (0.6 s for two 1 mm brain maps, two labels, before and after)."""
+def _joint_histogram(seg_a, seg_b) -> tuple[np.ndarray, np.ndarray]:
+    """(the label values, their joint histogram ``joint[i, j]`` = voxels with value i in
+    ``seg_a`` and j in ``seg_b``) of two label maps, counted on the host: per label, reductions
+    over every voxel ran as slow fused loops on XLA:CPU, and np.unique sorts (a 1 mm brain's
+    two maps: 0.6-1 s for labels and Dice before and after)."""
     a, b = (np.asarray(s).ravel() for s in (seg_a, seg_b))
     low, high = min(int(a.min()), int(b.min())), max(int(a.max()), int(b.max()))
     if np.issubdtype(a.dtype, np.integer) and low >= 0 and (high + 1) ** 2 <= 10_000_000:
         values = np.arange(high + 1)  # small labels index the histogram themselves
-        index_a, index_b = a, b
+        index_a, index_b = a.astype(np.int64), b.astype(np.int64)
     else:
         values = np.union1d(np.unique(a), np.unique(b))
         index_a, index_b = np.searchsorted(values, a), np.searchsorted(values, b)
     joint = np.bincount(index_a * len(values) + index_b, minlength=len(values) ** 2)
-    joint = joint.reshape(len(values), len(values))
+    return values, joint.reshape(len(values), len(values))
+
+
+def _dice_from_joint(values: np.ndarray, joint: np.ndarray, labels: list[int]) -> np.ndarray:
+    """``ops.dice`` per label from a joint histogram (NaN for a label in neither map)."""
     scores = []
     for label in labels:
         k = int(np.searchsorted(values, label))
-        if k == len(values) or values[k] != label:  # in neither map
+        total = joint[k, :].sum() + joint[:, k].sum() if k < len(values) else 0
+        if k == len(values) or values[k] != label or total == 0:
             scores.append(np.nan)
             continue
-        total = joint[k, :].sum() + joint[:, k].sum()
-        scores.append(2.0 * joint[k, k] / total if total > 0 else np.nan)
+        scores.append(2.0 * joint[k, k] / total)
     return np.asarray(scores, np.float32)
-
-
-def _labels(seg: np.ndarray) -> np.ndarray:
-    """The values of a label map: by counting when they are small non-negative integers (a
-    1 mm brain's map: np.unique sorts 9 M voxels, ~0.5 s), else np.unique."""
-    seg = np.asarray(seg)
-    if seg.size and np.issubdtype(seg.dtype, np.integer):
-        low, high = int(seg.min()), int(seg.max())
-        if low >= 0 and high < 1_000_000:
-            return np.flatnonzero(np.bincount(seg.ravel(), minlength=high + 1))
-    return np.unique(seg)
 
 
 def dice_report(fixed_seg, moving_seg, warped_seg) -> dict:
     """Dice per label (the union of both maps' labels but 0) before and after, and their means."""
-    labels = [int(v) for v in np.union1d(_labels(fixed_seg), _labels(moving_seg)) if v != 0]
+    values, joint_before = _joint_histogram(moving_seg, fixed_seg)
+    present = (joint_before.sum(axis=0) + joint_before.sum(axis=1)) > 0
+    labels = [int(v) for v in values[present] if v != 0]
     if not labels:
         return {}
-    before = _dice_by_counting(moving_seg, fixed_seg, labels)
-    after = _dice_by_counting(warped_seg, fixed_seg, labels)
+    before = _dice_from_joint(values, joint_before, labels)
+    after = _dice_from_joint(*_joint_histogram(warped_seg, fixed_seg), labels)
     return {
         "dice": {str(k): float(v) for k, v in zip(labels, after, strict=True)},
         "dice_mean": float(np.nanmean(after)),
