@@ -16,8 +16,8 @@ Deformable levels run coarse to fine, doubling the voxel size between levels:
   full-resolution level of a 1 mm brain or a DIR-Lab CT would cost 8 times the next coarser
   (measured: a DIR-Lab-sized CT spent 66 of 81 s at full resolution, for a worse result); a
   level that refines only the fine axes of thick slices adds little (measured on the small
-  lung CT, 2.7 x 2.7 x 5 mm: its full-resolution level took a third of the command for
-  0.73 -> 0.69 mm TRE);
+  lung CT, 2.7 x 2.7 x 5 mm: its full-resolution level took about a quarter of the
+  command for 0.73 -> 0.69 mm TRE);
 - the coarsest has voxels of at least ``motion_mm / CAPTURE_VOXELS``: the local similarity
   (a window of 5 voxels) and the control grid (twice as coarse) then reach across the largest
   expected motion (``DEFAULT_MOTION_MM``: 20 mm of breathing for CT, 10 mm for MR after an affine
