@@ -51,6 +51,12 @@ assert jax.config.jax_threefry_partitionable is False
 assert jax.config.jax_numpy_rank_promotion == "raise"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` first (a stable sort: the rest keep their order), so that the
+    xdist workers take the long ones early and finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE is not None and not hasattr(session.config, "workerinput"):
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -81,6 +81,7 @@ def test_conv_transpose_matches_flax_with_the_same_parameters(impl):
     )
 
 
+@pytest.mark.slow
 def test_model_is_the_same_function_with_the_same_parameters_for_every_conv_impl_and_remat():
     fixed, moving = pair((16, 16, 16), seed=2)
     # Folded without remat is checked against lax above (each convolution) and against remat

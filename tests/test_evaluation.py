@@ -10,6 +10,9 @@ from adreg_jax import evaluation, training
 from adreg_jax.data.labels import IXI_GROUPS, IXI_VOI
 from tests.test_training import tiny_config
 
+# The tests share a module fixture: one xdist worker runs them all (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("tiny_run_evaluation")
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

@@ -80,6 +80,7 @@ def test_outputs_have_the_documented_shapes_and_start_at_identity(shape):
     assert float(jnp.abs(out["warped"] - moving).max()) < 0.05
 
 
+@pytest.mark.slow
 def test_every_ablation_variant_runs_and_diffeomorphic_outputs_velocity():
     fixed, moving = pair((16, 16, 16))
     for overrides in (
@@ -118,6 +119,7 @@ def test_each_ablation_switch_removes_exactly_its_parameters():
     assert no_multi - full == set()
 
 
+@pytest.mark.slow
 def test_every_parameter_gets_a_gradient_after_a_few_steps():
     config = tiny_config()
     model = build_model(config)

@@ -14,6 +14,9 @@ from adreg_jax.models import build_model
 from adreg_jax.registration import commands
 from tests.test_training import tiny_config
 
+# The tests share a module fixture: one xdist worker runs them all (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("tiny_run_pretrained")
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

@@ -80,6 +80,7 @@ def sgd_state(config, model, batch, mesh):
     return training.replicate(state, mesh)
 
 
+@pytest.mark.slow
 def test_train_step_learns_and_does_not_recompile():
     # The same program as the one-device run of the next test: compiled once for both.
     config = tiny_config()
@@ -100,6 +101,7 @@ def test_train_step_learns_and_does_not_recompile():
     assert any(jax.tree.leaves(changed))
 
 
+@pytest.mark.slow
 def test_two_devices_give_the_same_parameters_as_one():
     assert jax.device_count() >= 2
     config = tiny_config()
@@ -150,6 +152,7 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 240) -> Non
     assert path.exists(), process.communicate()[0][-2000:]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     config_file = tmp_path / "tiny.py"
     config_file.write_text(TINY_CONFIG_FILE)

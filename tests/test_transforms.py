@@ -15,6 +15,9 @@ import pytest
 
 from adreg_jax.registration import Transform, commands, load_transform, save_transform
 
+# The tests share a module fixture: one xdist worker runs them all (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("registered_pair")
+
 sitk = pytest.importorskip("SimpleITK")
 
 SHIFT_MM = np.array([3.0, -2.0, 1.5])
