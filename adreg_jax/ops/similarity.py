@@ -181,6 +181,7 @@ def mutual_information(
     bins: int = 32,
     sigma_ratio: float = 0.5,
     value_range: tuple[float, float] = (0.0, 1.0),
+    weight: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
     """Mutual information of the intensities of a and b in nats, by Parzen windowing.
 
@@ -190,6 +191,10 @@ def mutual_information(
     ``MI = sum p(i, j) log(p(i, j) / (p(i) p(j)))``. Differentiable in both images; no assumption
     of a linear intensity relation, so it serves scans of different modalities (T1 to T2, MR to
     CT), as in MONAI's GlobalMutualInformationLoss and VoxelMorph's MutualInformation.
+
+    ``weight`` (the shape of a, >= 0; e.g. a mask): each voxel's outer product counts ``weight``
+    times and the joint histogram is divided by the weights' sum, so a 0/1 mask gives the MI of
+    the voxels inside it.
 
     Returns:
       (...) per leading index: 0 for independent images, the entropy of a for b = a.
@@ -208,7 +213,13 @@ def mutual_information(
         return jax.nn.softmax(logits, axis=-1)
 
     wa, wb = weights(a), weights(b)
-    joint = jnp.einsum("...ni,...nj->...ij", wa, wb) / wa.shape[-2]
+    if weight is None:
+        joint = jnp.einsum("...ni,...nj->...ij", wa, wb) / wa.shape[-2]
+    else:
+        check_same_shape(a, weight, ("a", "weight"))
+        w = weight.astype(jnp.float32).reshape(*lead, -1)
+        total = jnp.maximum(jnp.sum(w, axis=-1), 1e-6)[..., None, None]
+        joint = jnp.einsum("...ni,...nj->...ij", wa * w[..., None], wb) / total
     pa = jnp.sum(joint, axis=-1, keepdims=True)
     pb = jnp.sum(joint, axis=-2, keepdims=True)
     tiny = 1e-10
