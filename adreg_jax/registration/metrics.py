@@ -115,15 +115,41 @@ def _dice_from_joint(values: np.ndarray, joint: np.ndarray, labels: list[int]) -
     return np.asarray(scores, np.float32)
 
 
+def _labels(seg: np.ndarray) -> np.ndarray:
+    """The values of a label map: by counting when they are small non-negative integers, else
+    np.unique (which sorts every voxel)."""
+    seg = np.asarray(seg)
+    if seg.size and np.issubdtype(seg.dtype, np.integer):
+        low, high = int(seg.min()), int(seg.max())
+        if low >= 0 and high < 1_000_000:
+            return np.flatnonzero(np.bincount(seg.ravel(), minlength=high + 1))
+    return np.unique(seg)
+
+
+def _dice_per_label(seg_a, seg_b, labels: list[int]) -> np.ndarray:
+    """``ops.dice`` for a few labels, one boolean pass per label and map (two labels of 1 mm
+    brain maps: 0.05 s, against 0.2-0.5 s for the joint histogram)."""
+    scores = []
+    for label in labels:
+        in_a, in_b = seg_a == label, seg_b == label
+        total = np.count_nonzero(in_a) + np.count_nonzero(in_b)
+        inter = np.count_nonzero(in_a & in_b)
+        scores.append(2.0 * inter / total if total > 0 else np.nan)
+    return np.asarray(scores, np.float32)
+
+
 def dice_report(fixed_seg, moving_seg, warped_seg) -> dict:
     """Dice per label (the union of both maps' labels but 0) before and after, and their means."""
-    values, joint_before = _joint_histogram(moving_seg, fixed_seg)
-    present = (joint_before.sum(axis=0) + joint_before.sum(axis=1)) > 0
-    labels = [int(v) for v in values[present] if v != 0]
+    fixed_seg, moving_seg, warped_seg = map(np.asarray, (fixed_seg, moving_seg, warped_seg))
+    labels = [int(v) for v in np.union1d(_labels(fixed_seg), _labels(moving_seg)) if v != 0]
     if not labels:
         return {}
-    before = _dice_from_joint(values, joint_before, labels)
-    after = _dice_from_joint(*_joint_histogram(warped_seg, fixed_seg), labels)
+    if len(labels) <= 8:
+        before = _dice_per_label(moving_seg, fixed_seg, labels)
+        after = _dice_per_label(warped_seg, fixed_seg, labels)
+    else:
+        before = _dice_from_joint(*_joint_histogram(moving_seg, fixed_seg), labels)
+        after = _dice_from_joint(*_joint_histogram(warped_seg, fixed_seg), labels)
     return {
         "dice": {str(k): float(v) for k, v in zip(labels, after, strict=True)},
         "dice_mean": float(np.nanmean(after)),

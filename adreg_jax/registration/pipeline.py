@@ -329,7 +329,6 @@ def register_pair(
         pending.append(writer.submit(save_nifti, out / "warped.nii.gz", warped, fixed_affine))
         jacobian = np.asarray(jacobian)
         pending.append(writer.submit(save_nifti, out / "jacobian.nii.gz", jacobian, fixed_affine))
-        warped_seg = None
         if "moving" in segs:
             # From the moving segmentation's own grid through the transform, as adreg-apply
             # --labels.
@@ -339,14 +338,14 @@ def register_pair(
             pending.append(
                 writer.submit(save_nifti, out / "warped_seg.nii.gz", warped_seg, fixed_affine)
             )
+            if "fixed" in segs:  # before the metrics' program: XLA would take both cores
+                metrics.update(dice_report(segs["fixed"], segs["moving"], warped_seg))
         if points is not None:
             fixed_points, moving_points = points
             after, before = mean_tre(fixed_points, moving_points, ddf, jnp.asarray(spacing))
             metrics["tre_mm"], metrics["tre_mm_before"] = float(after), float(before)
         finest = tuple(level_shape(shape, levels[-1])) if max(steps) > 0 else None
         measures = image_metrics(moving_j, warped_norm, fixed_j, args.similarity, finest)
-        if warped_seg is not None and "fixed" in segs:
-            metrics.update(dice_report(segs["fixed"], segs["moving"], warped_seg))
         if affine is not None:
             # on the host: a jax operation here would queue behind the metrics' program
             metrics["affine_matrix"] = (np.asarray(matrix) + np.eye(3)).round(5).tolist()
