@@ -34,10 +34,11 @@ from adreg_jax.data.nifti import PAIR_KEYS, read_pair_list
 from adreg_jax.registration.pipeline import Loaded, check_options, load_scan, register_pair
 
 TABLE = "metrics.csv"
-# Pairs in flight per device. Two let one pair's host work (gzip, matplotlib) overlap another's
-# optimisation, but measured slower on a loaded 2-core CPU (ten 1 mm brain pairs: 458 s with
-# two, 433 s with one; benchmarks/registration_outputs.py), and they hold twice the volumes.
-WORKERS_PER_DEVICE = 1
+# Pairs in flight per device: two let one pair's host work (gzip, matplotlib) overlap another's
+# optimisation. Ten 1 mm brain pairs on the idle 2-core CPU (benchmarks/registration_outputs.py
+# --parts cohort): 53.4 s with two, 56.8 s with one, 86.4 s as ten commands. (On a machine
+# loaded by other jobs two measured slower, 458 s against 433 s.) They hold twice the volumes.
+WORKERS_PER_DEVICE = 2
 
 
 def _stem(path: str) -> str:
