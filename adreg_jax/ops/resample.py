@@ -214,13 +214,20 @@ def _sample(image: jnp.ndarray, coords: Coords, order: int, mode: str) -> jnp.nd
 
 
 def sample(
-    image: jnp.ndarray, coords: jnp.ndarray, order: int = 1, mode: str = "constant"
+    image: jnp.ndarray,
+    coords: jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray],
+    order: int = 1,
+    mode: str = "constant",
 ) -> jnp.ndarray:
     """Sample image (B, D, H, W, C) at voxel coordinates coords (B, N, 3): (B, N, C).
 
     The low-level reader behind ``warp``; coordinates are absolute (not displacements).
+    ``coords`` may also be its three components, (B, N) each (computed one axis at a time, they
+    need no stacking: on XLA:CPU arithmetic over a size-3 minor axis is slow).
     """
-    return _sample(image, tuple(coords[..., axis] for axis in range(3)), order, mode)
+    if not isinstance(coords, tuple):
+        coords = tuple(coords[..., axis] for axis in range(3))
+    return _sample(image, coords, order, mode)
 
 
 @functools.partial(jax.jit, static_argnames=("order", "mode"))

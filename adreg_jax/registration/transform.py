@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from adreg_jax import ops
-from adreg_jax.ops.resample import _sample as _sample_components
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +190,7 @@ def _pull(image, ddf_mm, voxel_map, world_to_moving, field_map, shape, order, ow
         for k, c in enumerate(_map_components(iota, voxel_map))
     ]
     flat = tuple(c.reshape(1, -1) for c in coords)
-    warped = _sample_components(image[None, ..., None], flat, order, "constant")
+    warped = ops.sample(image[None, ..., None], flat, order, "constant")
     return warped.reshape(shape)
 
 
