@@ -29,6 +29,7 @@ from adreg_jax.ops.similarity import (
     ncc_global,
     ncc_local,
     ncc_local_map,
+    ncc_local_maps,
     ssim,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "ncc_global",
     "ncc_local",
     "ncc_local_map",
+    "ncc_local_maps",
     "negative_jacobian_penalty",
     "resize_ddf",
     "sample",

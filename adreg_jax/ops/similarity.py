@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,19 +77,31 @@ def ncc_local_map(
     a: jnp.ndarray, b: jnp.ndarray, window: int = 9, eps: float = 1e-5
 ) -> jnp.ndarray:
     """The voxel-wise local NCC map (..., D, H, W, C) whose mean is ``ncc_local``."""
-    check_same_shape(a, b, ("a", "b"))
+    return ncc_local_maps((a,), b, window, eps)[0]
+
+
+def ncc_local_maps(
+    images: Sequence[jnp.ndarray], b: jnp.ndarray, window: int = 9, eps: float = 1e-5
+) -> list[jnp.ndarray]:
+    """``ncc_local_map(a, b)`` of each ``a`` in ``images``, with b's box sums computed once
+    (several images against one reference: a registration's before and after)."""
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window must be a positive odd integer; got {window}")
-    a = a.astype(jnp.float32)
-    b = b.astype(jnp.float32)
-    # Five separate box sums: stacked on the channel axis they ran 2-4x slower on CPU (a small
-    # minor axis that XLA's loops do not vectorise).
-    sa, sb, saa, sbb, sab = (box_sum(x, window) for x in (a, b, a * a, b * b, a * b))
     n = float(window**3)
-    cross = sab - sa * sb / n
-    var_a = saa - sa * sa / n
+    b = b.astype(jnp.float32)
+    # Separate box sums: stacked on the channel axis they ran 2-4x slower on CPU (a small minor
+    # axis that XLA's loops do not vectorise).
+    sb, sbb = box_sum(b, window), box_sum(b * b, window)
     var_b = sbb - sb * sb / n
-    return cross * cross / (var_a * var_b + eps)
+    maps = []
+    for a in images:
+        check_same_shape(a, b, ("a", "b"))
+        a = a.astype(jnp.float32)
+        sa, saa, sab = (box_sum(x, window) for x in (a, a * a, a * b))
+        cross = sab - sa * sb / n
+        var_a = saa - sa * sa / n
+        maps.append(cross * cross / (var_a * var_b + eps))
+    return maps
 
 
 @functools.partial(jax.jit, static_argnames=("window", "eps"))

@@ -17,24 +17,14 @@ from adreg_jax.registration.deformable import resize_image
 from adreg_jax.registration.similarity import NCC_WINDOW, similarity_fn
 
 
-def _ncc_pair(fixed, images, window: int, eps: float = 1e-5):
+def _ncc_pair(fixed, images, window: int):
     """``ops.ncc_local(image, fixed, window)`` of each of ``images`` (1, D, H, W, 1), the fixed
-    image's box sums computed once (a full-resolution box sum of a 1 mm brain is ~0.1 s; four
-    NCC maps here held 20 of them)."""
-    n = float(window**3)
-    b = fixed.astype(jnp.float32)
-    sb, sbb = ops.box_sum(b, window), ops.box_sum(b * b, window)
-    var_b = sbb - sb * sb / n
-    values = []
-    for a in images:
-        a = a.astype(jnp.float32)
-        sa, saa, sab = (ops.box_sum(x, window) for x in (a, a * a, a * b))
-        cross = sab - sa * sb / n
-        var_a = saa - sa * sa / n
-        # the map materialised first: a mean fused with its elementwise producer ran as a slow
-        # loop on XLA:CPU (twice the time of the map and a plain mean)
-        values.append(jnp.mean(jax.lax.optimization_barrier(cross * cross / (var_a * var_b + eps))))
-    return values
+    image's box sums computed once (``ops.ncc_local_maps``: a full-resolution box sum of a 1 mm
+    brain is ~0.1 s)."""
+    # each map materialised before its mean: a mean fused with its elementwise producer ran as a
+    # slow loop on XLA:CPU (twice the time of the map and a plain mean)
+    maps = ops.ncc_local_maps(images, fixed, window)
+    return [jnp.mean(jax.lax.optimization_barrier(m)) for m in maps]
 
 
 @jax.jit
@@ -68,13 +58,6 @@ def image_metrics(moving, warped, fixed, similarity: str, objective_shape=None):
         f"{similarity}_objective_before": objective[0],
         f"{similarity}_objective_after": objective[1],
     }
-
-
-def field_and_image_metrics(ddf, moving, fixed, similarity: str):
-    """(warped, det J, the image and folding metrics) of the final field."""
-    warped, jacobian, folding = warp_and_jacobian(ddf, moving)
-    metrics = image_metrics(moving, warped, fixed, similarity)
-    return warped, jacobian, {**metrics, "folding_percent": folding}
 
 
 @jax.jit
