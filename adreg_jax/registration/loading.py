@@ -28,7 +28,11 @@ CT_WINDOW_HU = (-1000.0, 200.0)
 def detect_modality(volume: np.ndarray) -> str:
     """ "ct" when the image holds Hounsfield units: at least 1 % of its voxels at -500 or below
     (air, lungs, the padding outside the field of view); MR intensities are not negative."""
-    return "ct" if np.percentile(volume, 1.0) <= -500.0 else "mr"
+    return _modality_of(np.percentile(volume, 1.0))
+
+
+def _modality_of(first_percentile: float) -> str:
+    return "ct" if first_percentile <= -500.0 else "mr"
 
 
 def normalise(
@@ -52,7 +56,7 @@ def detect_and_normalise(volume: np.ndarray, path: str) -> tuple[np.ndarray, str
     """(``normalise`` of the volume as its ``detect_modality``, that modality), the three
     percentiles in one pass (each np.percentile of a 1 mm brain partitions 9 M voxels)."""
     low, first, high = np.percentile(volume, (0.5, 1.0, 99.5))
-    modality = "ct" if first <= -500.0 else "mr"
+    modality = _modality_of(first)
     return normalise(volume, path, modality, (low, high)), modality
 
 
