@@ -37,7 +37,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from adreg_jax import ops
 from adreg_jax.data import build_dataset, dataset_labels, make_iterator
-from adreg_jax.losses import mean_tre, registration_loss
+from adreg_jax.losses import field_error, mean_tre, registration_loss
 from adreg_jax.models import build_model
 
 TrainState = flax_train_state.TrainState
@@ -116,6 +116,9 @@ def make_eval_step(model, labels: tuple[int, ...] | None):
                 ops.dice(batch["moving_seg"], batch["fixed_seg"], labels), axis=-1
             )
             metrics["dice"] = jnp.nanmean(ops.dice(warped_seg, batch["fixed_seg"], labels), axis=-1)
+        if "true_ddf" in batch:
+            metrics["ddf_error_before"] = field_error(jnp.zeros_like(ddf), batch["true_ddf"])
+            metrics["ddf_error"] = field_error(ddf, batch["true_ddf"])
         if "fixed_points" in batch:
             metrics["tre_mm_before"] = mean_tre(batch, jnp.zeros_like(ddf))[None]
             metrics["tre_mm"] = mean_tre(batch, ddf)[None]

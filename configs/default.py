@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
     # soft Dice of the warped moving labels against the fixed ones (the data set's labels, when the
     # batch carries fixed_seg / moving_seg); 0 = off, as in the paper (unsupervised)
     loss.dice_weight = 0.0
+    # mean end-point error (voxels) against the known field of generated / synthesised pairs
+    # (``true_ddf``), a supervised term; 0 = off
+    loss.ddf_weight = 0.0
 
     # --- training (adreg_jax.training) -------------------------------------------------------
     train = config.train = ml_collections.ConfigDict()

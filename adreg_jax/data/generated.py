@@ -72,19 +72,25 @@ def _resample(volume: np.ndarray, ddf: np.ndarray, order: int) -> np.ndarray:
     return ndimage.map_coordinates(volume, coords, order=order, mode="grid-constant", cval=0.0)
 
 
+def compose(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The DDF of p -> q = p + first(p) -> q + second(q): ``first + second o (id + first)``
+    (linear interpolation, the field extended by its border values), in numpy."""
+    coords = np.indices(first.shape[:3], dtype=np.float32) + np.moveaxis(first, -1, 0)
+    moved = np.stack(
+        [
+            ndimage.map_coordinates(second[..., k], coords, order=1, mode="nearest")
+            for k in range(3)
+        ],
+        axis=-1,
+    )
+    return first + moved
+
+
 def integrate(velocity: np.ndarray, steps: int = 4) -> np.ndarray:
     """Scaling and squaring in numpy (the same scheme as adreg_jax.ops.integrate_velocity)."""
     ddf = velocity / (2.0**steps)
     for _ in range(steps):
-        coords = np.indices(ddf.shape[:3], dtype=np.float32) + np.moveaxis(ddf, -1, 0)
-        warped = np.stack(
-            [
-                ndimage.map_coordinates(ddf[..., k], coords, order=1, mode="nearest")
-                for k in range(3)
-            ],
-            axis=-1,
-        )
-        ddf = ddf + warped
+        ddf = compose(ddf, ddf)
     return ddf
 
 

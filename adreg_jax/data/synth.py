@@ -9,21 +9,25 @@ One pair (deterministic from (seed, index)):
   fine labels   the packaged 2 mm MNI152 tissue labels (1 CSF, 2 GM, 3 WM), each tissue split
                 into 1-4 sub-labels by quantiles of the atlas T1 inside it, and (half of the
                 pairs) a head shell of 1-3 random blob labels around the brain: many boundaries
-  subjects      fixed = fine labels o T_f, moving = fine labels o T_m, each T = a small random
-                affine map (rotation, scale, shift about the centre) after a random smooth
-                diffeomorphism (a velocity integrated by scaling and squaring): two subjects
-                (inter-subject anatomy) after an affine stage
+  subjects      moving = fine labels o T_m, a random subject, and fixed = moving o U: the same
+                anatomy under a second random map U (inter-subject differences after an affine
+                stage), each of T_m and U a small random affine map (rotation, scale, shift
+                about the centre) after a random smooth diffeomorphism (a velocity integrated by
+                scaling and squaring); the fixed labels are sampled once, through T_m o U
   images        each drawn from its label map: a uniform random mean and a random std per label,
                 Gaussian blur, a smooth multiplicative bias field, gamma, Gaussian noise, min-max
                 to [0, 1]; with probability ``same_contrast`` fixed and moving share one
                 label -> intensity map, and with probability ``real_contrast`` a map is the
                 atlas's own T1 intensities (real T1-like contrast in the mix)
   segs          ``fixed_seg`` / ``moving_seg``: the tissue labels 0..3 of each subject (nearest)
+  true_ddf      U - id in voxels, the field that warps moving onto fixed (the pull convention of
+                DESIGN.md): a dense target for a supervised term (``loss.ddf_weight``) that
+                teaches a network far faster than the label overlap alone
 
 The grid: the atlas (cropped to the brain) is zero padded, centred, to ``FULL_EXTENT`` at its own
 2 mm (the extent of the 2 mm MNI grid, each side a multiple of 16), then resampled to the
 requested shape when it differs (the spacing scaled to match), so that a small test grid sees
-the same field of view. No ``true_ddf``: the map between the two subjects is not known exactly.
+the same field of view.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from scipy import ndimage
 from adreg_jax.data.generated import (
     BRAIN_LABELS,
     _resample,
+    compose,
     integrate,
     load_atlas,
     pair_rng,
@@ -183,8 +188,9 @@ class SynthBrainPairs:
       shape: (D, H, W) of every volume (``FULL_EXTENT`` = the atlas at its own 2 mm).
       length: number of distinct pairs (any index below it is a fresh pair).
       seed: with the index, determines the pair exactly.
-      max_mm: largest velocity component of each subject's smooth deformation, in mm.
-      affine: (degrees, scale fraction, shift mm), the largest of each subject's affine map.
+      max_mm: largest velocity component of each smooth deformation (the moving subject's and
+        the fixed -> moving map's), in mm.
+      affine: (degrees, scale fraction, shift mm), the largest of each affine map.
       same_contrast: probability that fixed and moving share one label -> intensity map.
       real_contrast: probability that a map is the atlas's T1 intensities.
     """
@@ -214,9 +220,13 @@ class SynthBrainPairs:
         shared = rng.random() < self.same_contrast
         first = draw_contrast(rng, num_labels, self.real_contrast)
         contrasts = (first, first if shared else draw_contrast(rng, num_labels, self.real_contrast))
-        element = {}
-        for name, contrast in zip(("fixed", "moving"), contrasts, strict=True):
-            ddf = subject_ddf(rng, self.shape, spacing, self.max_mm, self.affine)
+        moving_ddf = subject_ddf(rng, self.shape, spacing, self.max_mm, self.affine)
+        true_ddf = subject_ddf(rng, self.shape, spacing, self.max_mm, self.affine)
+        fixed_ddf = compose(true_ddf, moving_ddf)
+        element = {"true_ddf": true_ddf}
+        for name, contrast, ddf in zip(
+            ("fixed", "moving"), contrasts, (fixed_ddf, moving_ddf), strict=True
+        ):
             subject = _resample(fine, ddf, order=0)
             subject_t1 = _resample(t1, ddf, order=1)
             element[name] = render(rng, subject, subject_t1, contrast)[..., None]
