@@ -9,6 +9,8 @@ voxels of the fixed grid.
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -171,11 +173,87 @@ def optimise_velocity(
     return velocity
 
 
+def full_grid_squarings(
+    integration_steps: int, grid_shape: Sequence[int], shape: Sequence[int]
+) -> int:
+    """The most squaring steps ``velocity_flow`` takes on the fine grid ``shape``: the
+    integration's own steps plus one per doubling from the control grid ``grid_shape`` (as many
+    as the whole integration of the resized velocity would take with first steps as small, in
+    voxels of their grid, as on the control grid)."""
+    ratio = max(n / g for n, g in zip(shape, grid_shape, strict=True))
+    return int(integration_steps) + max(0, math.ceil(math.log2(ratio) - 1e-6))
+
+
+def cells_keep_orientation(ddf: jnp.ndarray) -> jnp.ndarray:
+    """Whether the trilinear interpolant of the map p -> p + ddf(p) (ddf (1, d, h, w, 3) in
+    voxels of its grid) keeps every cell's orientation: at each of the 8 corners of every cell,
+    the determinant of the cell's three edges leaving that corner is positive (the corner
+    Jacobians of a hexahedral element; one at or below zero: the cell folds). A positive det J by
+    central differences at the grid's points does not say this: the optimised field of a 1 mm
+    brain pair had none at or below zero on its control grid and 708 folded cells."""
+    shape = ddf.shape[1:4]
+    points = [ddf[0, ..., k] + jax.lax.broadcasted_iota(ddf.dtype, shape, k) for k in range(3)]
+    # edges[a][k]: component k of the cell edges along axis a
+    edges = [[jnp.diff(c, axis=a) for c in points] for a in range(3)]
+    cells = [n - 1 for n in shape]
+    kept = jnp.bool_(True)
+    for corner in itertools.product((0, 1), repeat=3):
+        columns = []
+        for a in range(3):  # the edge along a through this corner: its other two indices offset
+            window = tuple(
+                slice(0, cells[b]) if b == a else slice(corner[b], corner[b] + cells[b])
+                for b in range(3)
+            )
+            columns.append([edges[a][k][window] for k in range(3)])
+        (a0, a1, a2), (b0, b1, b2), (c0, c1, c2) = columns  # det [a b c], columns by axis
+        det = a0 * (b1 * c2 - b2 * c1) - b0 * (a1 * c2 - a2 * c1) + c0 * (a1 * b2 - a2 * b1)
+        kept = kept & jnp.all(det > 0)
+    return kept
+
+
+def velocity_flow(velocity: jnp.ndarray, integration_steps: int, shape) -> jnp.ndarray:
+    """exp(v) on the grid ``shape`` of a velocity (1, g, g, g, 3) on its coarser control grid, as
+    exp(v / 2^m) composed with itself m times: exp(v / 2^m) integrated on the control grid
+    (``integration_steps`` scaling-and-squaring steps) and resized (trilinear, values rescaled) to
+    ``shape``, then m squarings on ``shape``. m is the least (up to ``full_grid_squarings``) for
+    which the control-grid maps of v / 2^m and -v / 2^m keep every cell's orientation
+    (``cells_keep_orientation``): their trilinear resize is then a map without folds, and the
+    squarings compose such maps. The forward field (``velocity_to_ddf``) and the start of the
+    inverse (``transform.inverse_field_mm``, with -v) both come from here, with the same m.
+
+    m is 0, the optimisation's own map (integrated on the control grid, then resized), where that
+    map folds no cell. Otherwise that map is no diffeomorphism: measured on 1 mm brain pairs
+    (default options), resized after integration, 32 (oasis_b -> oasis_a), 333 (mni_to_scan)
+    and 79 (scan_to_mni) folded voxels although det J on the control grid was positive or nearly
+    so, and no exact inverse: the inverse consistency was off by up to 2.2 mm next to the folds.
+    With m = 2, chosen there for all three: no folded voxel. Integrating the resized velocity
+    on the full grid from the start (m = 6) gave no folds either but moved the map further from
+    the one optimised (mni_to_scan Dice 0.733 -> 0.726, against 0.730 with m = 2) and cost
+    six full-grid squarings (0.15 s each at 160x224x192 on 2 cores).
+
+    ``integration_steps`` 0 (the displacement itself was optimised): the field resized.
+    """
+    shape = tuple(int(n) for n in shape)
+    if integration_steps <= 0:
+        return ops.resize_ddf(velocity, shape)
+    most = full_grid_squarings(integration_steps, velocity.shape[1:4], shape)
+
+    def root(sign, m):  # exp(sign * v / 2^m) on the control grid
+        scale = sign * jnp.exp2(-m.astype(velocity.dtype))
+        return ops.integrate_velocity(velocity * scale, integration_steps)
+
+    def folds(m):
+        return ~(cells_keep_orientation(root(1.0, m)) & cells_keep_orientation(root(-1.0, m)))
+
+    m = jax.lax.while_loop(lambda m: (m < most) & folds(m), lambda m: m + 1, jnp.int32(0))
+    ddf = ops.resize_ddf(root(1.0, m), shape)
+    return jax.lax.fori_loop(0, m, lambda _, d: ops.compose(d, d), ddf)
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def velocity_to_ddf(velocity, integration_steps: int, shape: tuple[int, ...]) -> jnp.ndarray:
-    """The DDF (1, *shape, 3) of a velocity on its (coarser) control grid: integrated there by
-    scaling and squaring, then resized to ``shape``."""
-    return ops.resize_ddf(ops.integrate_velocity(velocity, integration_steps), shape)
+    """The DDF (1, *shape, 3) of a velocity on its (coarser) control grid: ``velocity_flow``."""
+    return velocity_flow(velocity, integration_steps, shape)
 
 
 resize_ddf = jax.jit(ops.resize_ddf, static_argnums=1)

@@ -244,13 +244,14 @@ def inverse_field_mm(
     voxel), from z0; points z beyond the fixed grid, where the written field is not defined,
     keep z0. The displacement is ``fixed_linear`` (z - s) in world mm.
     """
+    # here, not at the top: loading a transform (adreg-apply, the Python API) needs no optimiser
+    from adreg_jax.registration.deformable import velocity_flow
+
     grid = ops.identity_grid(moving_shape)
     s = _apply_affine(grid, moving_to_fixed)
     start = _apply_affine(s, affine_inverse)
     if velocity is not None:
-        inverse_ddf = ops.resize_ddf(
-            ops.integrate_velocity(-velocity, integration_steps), fixed_shape
-        )
+        inverse_ddf = velocity_flow(-velocity, integration_steps, fixed_shape)
         start = start + _read(inverse_ddf[0], start, "border")
 
     upper = jnp.asarray(fixed_shape, jnp.float32).reshape(1, 1, 1, 3) - 1.0
