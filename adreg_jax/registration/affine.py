@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from adreg_jax import ops
+from adreg_jax.registration import programs
 from adreg_jax.registration.deformable import resize_image
 from adreg_jax.registration.levels import affine_levels, affine_steps, level_shape, level_voxels
 from adreg_jax.registration.similarity import similarity_fn
@@ -75,15 +76,21 @@ def optimise_affine(
     if len(per_level) != len(factors):
         raise ValueError(f"steps {steps}: expected one number or one per level of {factors}")
     half = np.asarray(shape, np.float64) / 2.0
-    shift = centre_of_mass(moving[0, ..., 0]) - centre_of_mass(fixed[0, ..., 0])
-    params = {"matrix": jnp.zeros((3, 3)), "translation": jnp.asarray(shift / half, jnp.float32)}
-    optimizer, step = _affine_step(similarity, float(learning_rate))
+    # on the host (indexing a device array is a program of its own)
+    shift = centre_of_mass(np.asarray(moving)[0, ..., 0]) - centre_of_mass(
+        np.asarray(fixed)[0, ..., 0]
+    )
+    params = {
+        "matrix": np.zeros((3, 3), np.float32),
+        "translation": (shift / half).astype(np.float32),
+    }
+    optimizer, step, init = _affine_step(similarity, float(learning_rate))
     bar = tqdm(total=sum(per_level), desc="affine", disable=not progress)
     for factor, level_steps in zip(factors, per_level, strict=True):
         grid = level_shape(shape, factor)
         fixed_l, moving_l = resize_image(fixed, grid), resize_image(moving, grid)
 
-        state = optimizer.init(params)
+        state = init(params)
         for _ in range(level_steps):
             params, state, loss = step(params, state, fixed_l, moving_l)
             bar.update(1)
@@ -95,8 +102,9 @@ def optimise_affine(
 
 @functools.cache
 def _affine_step(similarity: str, learning_rate: float):
-    """(the optimizer, one jitted Adam step on the affine parameters), cached like the
-    deformable stage's steps so that a cohort compiles it once."""
+    """(the optimizer, one jitted Adam step on the affine parameters, the optimizer's jitted
+    initialisation), cached like the deformable stage's steps so that a cohort compiles them
+    once."""
     # Same modality: the global correlation. Local NCC, right for the deformable stage, is biased
     # here: it rewards the smoothing that magnification brings (measured: a rotated, shifted
     # textured phantom came out scaled by 0.95).
@@ -110,16 +118,20 @@ def _affine_step(similarity: str, learning_rate: float):
         ddf = affine_ddf(p["matrix"], p["translation"], fixed.shape[1:4])
         return -sim(ops.warp(moving, ddf), fixed)
 
-    @jax.jit
+    @programs.jit(key=(similarity, learning_rate))
     def step(p, state, fixed, moving):
         loss, grad = jax.value_and_grad(loss_fn)(p, fixed, moving)
         updates, state = optimizer.update(grad, state, p)
         return optax.apply_updates(p, updates), state, loss
 
-    return optimizer, step
+    @programs.jit(key=(similarity, learning_rate))
+    def init(p):  # one program, not one per zeros_like
+        return optimizer.init(p)
+
+    return optimizer, step, init
 
 
-@jax.jit
+@programs.jit
 def affine_warp(matrix, translation, moving):
     """(the affine DDF on the moving image's grid, the moving image warped by it)"""
     ddf = affine_ddf(matrix, translation, moving.shape[1:4])

@@ -50,6 +50,7 @@ import jax
 import numpy as np
 
 from adreg_jax.data.nifti import read_points, save_nifti
+from adreg_jax.registration import programs
 from adreg_jax.registration.cohort import run_cohort
 from adreg_jax.registration.deformable import SIMILARITIES
 from adreg_jax.registration.loading import MODALITIES, load_volume
@@ -221,8 +222,14 @@ def _default_cache_dir() -> Path:
 def _enable_compilation_cache(directory: str) -> None:
     """Keep compiled programs on disk (``jax_compilation_cache_dir``) unless the environment's
     JAX_COMPILATION_CACHE_DIR already chose a place; every compilation is kept (many are small,
-    together they are seconds)."""
-    if not directory or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    together they are seconds). The registration's own programs are also kept whole, traced and
+    lowered (``programs``), in its ``programs`` subfolder."""
+    if not directory:
+        programs.set_directory(None)
+        return
+    chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    programs.set_directory(Path(chosen or directory) / "programs")
+    if chosen:
         return
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -238,6 +245,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(json.dumps(metrics))
     return 0
+
+
+def _end_process(code: int) -> None:
+    """End the process now, its output flushed (every file is written and closed by then):
+    Python's and JAX's teardown, freeing the ~2 GB of buffers of a 1 mm brain pair page by page,
+    took 0.3-0.4 s of a 10 s command (measured on the 2-core CPU)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def cli() -> None:
+    """The ``adreg-register`` console script: ``main``, then ``_end_process`` (``main`` itself
+    returns, for callers in Python)."""
+    _end_process(main())
 
 
 def parse_apply_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -307,3 +329,8 @@ def apply_main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(json.dumps(result))
     return 0
+
+
+def apply_cli() -> None:
+    """The ``adreg-apply`` console script: ``apply_main``, then ``_end_process``."""
+    _end_process(apply_main())

@@ -20,6 +20,7 @@ import optax
 
 from adreg_jax import ops
 from adreg_jax.ops.resample import resize_linear
+from adreg_jax.registration import programs
 from adreg_jax.registration.levels import level_shape
 from adreg_jax.registration.similarity import SIMILARITIES, similarity_fn
 
@@ -36,7 +37,7 @@ DEFAULT_SMOOTH_WEIGHT = {"ct": 1.0, "mr": 0.25}
 # of a 1 mm brain took 2-3 s instead of 0.2 s (no fusion, every intermediate materialised).
 
 
-@functools.partial(jax.jit, static_argnums=1)
+@programs.jit(static_argnums=1)
 def resize_image(image: jnp.ndarray, shape: Sequence[int]) -> jnp.ndarray:
     """image (1, D, H, W, C) resized (linear, ``jax.image.resize``'s weights) to ``shape``."""
     return resize_linear(image.astype(jnp.float32), tuple(shape)).astype(image.dtype)
@@ -78,7 +79,9 @@ def _level_step(
 
     # The images are arguments, not closed-over constants: as constants XLA folds the fixed
     # image's statistics at compile time (seconds per level).
-    @jax.jit
+    options = (similarity, smooth_weight, integration_steps, learning_rate)
+
+    @programs.jit(key=options)
     def step(velocity, opt_state, fixed, moving, grid_spacing, masks):
         loss, grad = jax.value_and_grad(loss_fn)(velocity, fixed, moving, grid_spacing, masks)
         updates, opt_state = optimizer.update(grad, opt_state, velocity)
@@ -86,7 +89,7 @@ def _level_step(
 
     # A level's inputs in one program (op by op, each resize and the optimizer's zeros were
     # programs of their own, each traced, lowered and fetched from the compilation cache).
-    @functools.partial(jax.jit, static_argnums=(4, 5))
+    @programs.jit(static_argnums=(4, 5), key=options)
     def start(fixed, moving, masks, velocity, image_shape, grid_shape):
         fixed_l, moving_l = resize_image(fixed, image_shape), resize_image(moving, image_shape)
         masks_l = None if masks is None else tuple(resize_image(m, image_shape) for m in masks)
@@ -155,7 +158,7 @@ def optimise_velocity(
         grid_shape = level_shape(image_shape, grid_factor)
         # mm per control-grid voxel: the fixed grid's extent over the control grid's size
         grid_spacing = np.asarray(spacing, np.float32) * np.asarray(shape) / np.asarray(grid_shape)
-        grid_spacing = jnp.asarray(grid_spacing.astype(np.float32))
+        grid_spacing = jax.device_put(grid_spacing.astype(np.float32))  # no copying program
         _, step, start = _level_step(
             similarity, float(smooth_weight), int(integration_steps), float(learning_rate)
         )
@@ -250,13 +253,13 @@ def velocity_flow(velocity: jnp.ndarray, integration_steps: int, shape) -> jnp.n
     return jax.lax.fori_loop(0, m, lambda _, d: ops.compose(d, d), ddf)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+@programs.jit(static_argnums=(1, 2))
 def velocity_to_ddf(velocity, integration_steps: int, shape: tuple[int, ...]) -> jnp.ndarray:
     """The DDF (1, *shape, 3) of a velocity on its (coarser) control grid: ``velocity_flow``."""
     return velocity_flow(velocity, integration_steps, shape)
 
 
-resize_ddf = jax.jit(ops.resize_ddf, static_argnums=1)
+resize_ddf = programs.jit(ops.resize_ddf, static_argnums=1)
 
 
 @functools.lru_cache(maxsize=4)

@@ -6,13 +6,12 @@ Where this sits: deformable stage -> **metrics** (computed on the fixed grid) ->
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from adreg_jax import ops
+from adreg_jax.registration import programs
 from adreg_jax.registration.deformable import resize_image
 from adreg_jax.registration.similarity import NCC_WINDOW, similarity_fn
 
@@ -27,7 +26,7 @@ def _ncc_pair(fixed, images, window: int):
     return [jnp.mean(jax.lax.optimization_barrier(m)) for m in maps]
 
 
-@jax.jit
+@programs.jit
 def warp_and_jacobian(ddf, moving):
     """(moving warped by the final field, det J, % of det J <= 0): what the outputs need first."""
     jacobian = ops.jacobian_determinant(ddf[0])
@@ -35,7 +34,7 @@ def warp_and_jacobian(ddf, moving):
     return ops.warp(moving, ddf), jacobian, folding
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
+@programs.jit(static_argnums=(3, 4))
 def image_metrics(moving, warped, fixed, similarity: str, objective_shape=None):
     """Local NCC (``ops.ncc_local``, window 9) and the chosen similarity's objective, before
     (``moving``) and after (``warped``) registration: a second program, so that the command
@@ -60,7 +59,7 @@ def image_metrics(moving, warped, fixed, similarity: str, objective_shape=None):
     }
 
 
-@jax.jit
+@programs.jit
 def mean_tre(fixed_points, moving_points, ddf, spacing):
     """(mean TRE in mm through ``ddf`` (1, D, H, W, 3), mean TRE before: through no field)."""
     after = ops.tre(fixed_points, moving_points, ddf[0], spacing)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adreg_jax import ops
+from adreg_jax.registration import programs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +66,16 @@ class Transform:
 
     @functools.cached_property
     def _ddf_device(self) -> jnp.ndarray:
-        """``ddf_mm`` on the device, copied there once (a 1 mm brain's field is 100 MB; the
-        command warps the moving image and its labels with it)."""
-        return jnp.asarray(self.ddf_mm)
+        """``ddf_mm`` on the device, put there once (a 1 mm brain's field is 100 MB; the
+        command warps the moving image and its labels with it): ``jax.device_put``, which on a
+        CPU shares a C-ordered float32 array's memory instead of copying it."""
+        return jax.device_put(np.ascontiguousarray(self.ddf_mm, np.float32))
+
+    def with_device_field(self, ddf_mm_device: jnp.ndarray) -> Transform:
+        """This transform, with ``ddf_mm`` (the same values) already on the device: the
+        registration's own copy, used for warping instead of putting the host array there."""
+        self.__dict__["_ddf_device"] = ddf_mm_device  # what the cached property would hold
+        return self
 
     def inverted(self) -> Transform:
         """The inverse map (moving space -> fixed space); needs ``inverse_ddf_mm``."""
@@ -109,12 +117,12 @@ class Transform:
         voxel_map = moving_inv @ target.affine  # target voxel -> moving voxel, without the field
         field_map = np.linalg.inv(self.fixed.affine) @ target.affine  # target -> field voxel
         values = np.rint(image).astype(np.int32) if order == 0 else np.asarray(image, np.float32)
-        warped = _pull(
-            jnp.asarray(values),
+        warped = _pull(  # host arrays as they are: jnp.asarray would run a program for each
+            values,
             self._ddf_device,
-            jnp.asarray(voxel_map, jnp.float32),
-            jnp.asarray(moving_inv[:3, :3], jnp.float32),
-            jnp.asarray(field_map, jnp.float32),
+            np.asarray(voxel_map, np.float32),
+            np.asarray(moving_inv[:3, :3], np.float32),
+            np.asarray(field_map, np.float32),
             tuple(int(n) for n in target.shape),
             order,
             own_grid,
@@ -162,7 +170,7 @@ class Transform:
         return world @ moving_inv[:3, :3].T + moving_inv[:3, 3]
 
 
-_sample_points = jax.jit(ops.sample_ddf_at_points)
+_sample_points = programs.jit(ops.sample_ddf_at_points)
 
 
 def _apply_affine(points: jnp.ndarray, matrix: jnp.ndarray) -> jnp.ndarray:
@@ -171,7 +179,7 @@ def _apply_affine(points: jnp.ndarray, matrix: jnp.ndarray) -> jnp.ndarray:
     return points @ matrix[:3, :3].T + offset
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+@programs.jit(static_argnums=(5, 6, 7))
 def _pull(image, ddf_mm, voxel_map, world_to_moving, field_map, shape, order, own_grid):
     """The warped image on a grid of ``shape``: see ``Transform.warp``."""
     # Coordinates one component at a time: products with a (..., 3) minor axis ran slowly on
@@ -213,7 +221,7 @@ def affine_voxel_matrix(matrix: np.ndarray, translation: np.ndarray, shape: Sequ
     return voxel
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 5, 10))
+@programs.jit(static_argnums=(1, 2, 5, 10))
 def inverse_field_mm(
     velocity: jnp.ndarray | None,
     integration_steps: int,
@@ -316,7 +324,7 @@ def inverse_transform_field(
         jnp.asarray(affine_inverse, jnp.float32),
         tuple(moving.shape),
         jnp.asarray(fixed.affine[:3, :3], jnp.float32),
-        jnp.asarray(transform.ddf_mm),
+        transform._ddf_device,
         jnp.asarray(moving_inv @ fixed.affine, jnp.float32),
         jnp.asarray(moving_inv[:3, :3], jnp.float32),
         refinements,
@@ -324,7 +332,7 @@ def inverse_transform_field(
     return np.asarray(field, np.float32)
 
 
-@functools.partial(jax.jit, static_argnums=3)
+@programs.jit(static_argnums=3)
 def _round_trip_error(ddf_mm, inverse_ddf_mm, grid_to_other, other_shape, world_to_other):
     """|psi(phi(x)) - x| in mm at the voxels x of phi's grid (``ddf_mm``), psi read linearly
     from ``inverse_ddf_mm`` on the other grid; and whether phi(x) lies inside that grid."""
@@ -355,7 +363,7 @@ def inverse_consistency(transform: Transform) -> dict[str, float]:
     follow the inverse where phi compresses strongly). Mean, max and the share of voxels counted.
     """
     fixed, moving = transform.fixed, transform.moving
-    ddf, inverse = jnp.asarray(transform.ddf_mm), jnp.asarray(transform.inverse_ddf_mm)
+    ddf, inverse = transform._ddf_device, jnp.asarray(transform.inverse_ddf_mm)
     moving_inv, fixed_inv = np.linalg.inv(moving.affine), np.linalg.inv(fixed.affine)
     as_f32 = lambda m: jnp.asarray(m, jnp.float32)  # noqa: E731
     from_fixed = _round_trip_error(

@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 
 from adreg_jax.data.nifti import load_nifti, save_nifti, write_image
+from adreg_jax.registration import programs
 from adreg_jax.registration.transform import Grid, Transform
 
 TRANSFORM_FILE = "transform.json"
@@ -32,7 +32,7 @@ FORMAT = "adreg_jax transform 1"
 _RAS_TO_LPS = np.asarray([-1.0, -1.0, 1.0], np.float32)
 
 
-@jax.jit
+@programs.jit
 def ddf_voxels_to_world_mm(ddf_vox: jnp.ndarray, linear: jnp.ndarray) -> jnp.ndarray:
     """(..., D, H, W, 3) voxel displacements of a grid -> world (RAS+) mm displacements, float32,
     on the device; ``linear``: the grid's affine's 3x3 part. One component at a time: a product

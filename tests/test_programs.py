@@ -1,0 +1,104 @@
+"""programs.jit: compiled programs kept whole on disk and loaded by a later process (here: a new
+``Program`` of the same function) without tracing."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+
+from adreg_jax.registration import commands, programs
+
+
+@pytest.fixture
+def folder(tmp_path):
+    previous = programs.directory()
+    programs.set_directory(tmp_path / "programs")
+    yield tmp_path / "programs"
+    programs.set_directory(previous)
+
+
+def _scaled(traced: list):
+    """A new function object each call (JAX's in-memory trace cache goes by the object), with
+    one name (the programs' key goes by the name, as for the same function in a new process)."""
+
+    def scaled(x, factor, n):
+        traced.append(n)  # runs when JAX traces the function, not when a program runs
+        return jnp.sum(x * factor) * n, x[:n]
+
+    return scaled
+
+
+def test_a_program_is_traced_once_then_read_from_disk(folder):
+    traced = []
+    x = np.arange(8, dtype=np.float32)
+    first = programs.jit(_scaled(traced), static_argnums=2, key="a")
+    total, head = first(x, 2.0, 3)
+    assert float(total) == pytest.approx(float(np.sum(x * 2.0) * 3))
+    np.testing.assert_array_equal(head, x[:3])
+    assert len(traced) == 1 and len(list(folder.glob("*.program"))) == 1
+    # a device array of the same shape, another value of the (weakly typed) scalar: same program
+    assert float(first(jnp.asarray(x), 5.0, 3)[0]) == pytest.approx(float(np.sum(x * 5.0) * 3))
+    assert len(traced) == 1
+    # another process's view: a new Program of the same function reads the file
+    second = programs.jit(_scaled(traced), static_argnums=2, key="a")
+    assert float(second(x + 1.0, 2.0, 3)[0]) == pytest.approx(float(np.sum((x + 1) * 2.0) * 3))
+    assert len(traced) == 1
+    # another static argument, key or shape: compiled and kept apart
+    second(x, 2.0, 4)
+    programs.jit(_scaled(traced), static_argnums=2, key="b")(x, 2.0, 3)
+    second(x[:6], 2.0, 3)
+    assert len(traced) == 4 and len(list(folder.glob("*.program"))) == 4
+    # inside another traced function it is traced there, as jax.jit would be
+    assert float(jax.jit(lambda y: second(y, 1.0, 3)[0])(x)) == pytest.approx(float(x.sum() * 3))
+    # an unreadable file is compiled anew and replaced
+    for path in folder.glob("*.program"):
+        path.write_bytes(b"not a program")
+    third = programs.jit(_scaled(traced), static_argnums=2, key="a")
+    assert float(third(x, 2.0, 3)[0]) == pytest.approx(float(np.sum(x * 2.0) * 3))
+    assert any(path.stat().st_size > 100 for path in folder.glob("*.program"))
+
+
+def test_without_a_folder_it_is_jax_jit(folder):
+    programs.set_directory(None)
+    double = programs.jit(lambda x: 2 * x)
+    assert float(double(np.float32(2.0))) == 4.0
+    assert "mul" in double.lower(np.float32(2.0)).as_text()
+    assert not folder.exists()
+
+
+def test_a_second_command_reads_the_programs_and_gives_the_same_result(tmp_path):
+    # a tiny pair; the first run compiles and keeps the programs, the second reads them
+    rng = np.random.default_rng(0)
+    grid = np.indices((16, 16, 16)).astype(np.float32)
+    blob = np.exp(-(((grid - 8.0) ** 2).sum(0)) / 18.0).astype(np.float32)
+    moving = np.roll(blob, 1, axis=0) + 0.01 * rng.random(blob.shape, dtype=np.float32)
+    paths = {}
+    for name, array in (("fixed", blob), ("moving", moving)):
+        paths[name] = str(tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(array, np.diag([2.0, 2.0, 2.0, 1.0])), paths[name])
+    cache = tmp_path / "cache"
+    results = []
+    previous = programs.directory()
+    try:
+        for run in ("first", "second"):
+            out = tmp_path / run
+            argv = ["--fixed", paths["fixed"], "--moving", paths["moving"], "--out", str(out)]
+            argv += ["--affine", "--affine-steps", "3", "--instance-steps", "3", "--quiet"]
+            assert commands.main([*argv, "--no-png", "--cache-dir", str(cache)]) == 0
+            results.append(
+                (
+                    json.loads((out / "metrics.json").read_text()),
+                    np.asarray(nib.load(str(out / "ddf.nii.gz")).dataobj),
+                )
+            )
+            kept = sorted(path.name for path in programs.directory().glob("*.program"))
+            results.append(kept)
+    finally:
+        programs.set_directory(previous)
+    (first, first_ddf), first_kept, (second, second_ddf), second_kept = results
+    assert len(first_kept) >= 5 and second_kept == first_kept  # nothing compiled the second time
+    np.testing.assert_array_equal(first_ddf, second_ddf)
+    assert first["ncc_after"] == second["ncc_after"]
