@@ -332,3 +332,28 @@ def test_bad_files_and_points_fail_in_one_line_and_write_nothing(pair, tmp_path,
     assert main([*base, "--fixed-mask", small]) == 1
     assert "--fixed-mask" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_console_script_ends_with_the_commands_code_and_its_files_written(pair, tmp_path):
+    # adreg-register's entry point (commands.cli) ends the process without Python's teardown,
+    # its output flushed: the exit code is the command's, every file is whole
+    import subprocess
+    import sys
+
+    script = "from adreg_jax.registration.commands import cli; cli()"
+    out = tmp_path / "cli_out"
+    argv = [sys.executable, "-c", script, "--fixed", pair["fixed"], "--moving", pair["moving"]]
+    argv += ["--out", str(out), "--affine", "--affine-steps", "2", "--instance-steps", "0"]
+    done = subprocess.run([*argv, "--quiet", "--cache-dir", ""], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["folding_percent"] == 0.0
+    assert json.loads((out / "metrics.json").read_text())["affine_matrix"]
+    assert nib.load(str(out / "ddf_itk.nii.gz")).get_fdata().shape == (*SHAPE, 1, 3)
+    assert (out / "overview.png").read_bytes()[-8:] == b"IEND\xaeB`\x82"  # the PNG's last chunk
+    failed = subprocess.run(
+        [sys.executable, "-c", script, "--fixed", str(tmp_path / "nope.nii.gz")]
+        + ["--moving", pair["moving"], "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode == 1 and "nope.nii.gz" in failed.stderr

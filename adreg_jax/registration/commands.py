@@ -256,9 +256,32 @@ def _end_process(code: int) -> None:
     os._exit(code)
 
 
+def _keep_freed_memory() -> None:
+    """glibc's malloc, for this process only: every thread allocates from the one main heap, which
+    keeps what is freed (no mmap per large block, no trimming below 1 GB). By default each of
+    XLA's threads has its own arena, which cannot hold a block larger than 64 MB: every
+    full-resolution buffer (a 1 mm brain's field is 100 MB) was a fresh mmap, its pages faulted in
+    and zeroed by the kernel on first touch, and unmapped when freed (measured: 1.3 M page
+    faults, 4-6 s of the command's CPU time in the kernel, a 100 MB elementwise program 50 ms
+    slower per call). A no-op where the C library is not glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    mallopt(m_arena_max, 1)
+    mallopt(m_mmap_max, 0)
+    mallopt(m_trim_threshold, 1 << 30)
+
+
 def cli() -> None:
-    """The ``adreg-register`` console script: ``main``, then ``_end_process`` (``main`` itself
-    returns, for callers in Python)."""
+    """The ``adreg-register`` console script: ``main`` (malloc tuned by ``_keep_freed_memory``
+    first), then ``_end_process`` (``main`` itself returns, for callers in Python, and leaves
+    malloc as it is)."""
+    _keep_freed_memory()
     _end_process(main())
 
 
@@ -332,5 +355,7 @@ def apply_main(argv: Sequence[str] | None = None) -> int:
 
 
 def apply_cli() -> None:
-    """The ``adreg-apply`` console script: ``apply_main``, then ``_end_process``."""
+    """The ``adreg-apply`` console script: ``apply_main`` (``_keep_freed_memory`` first), then
+    ``_end_process``."""
+    _keep_freed_memory()
     _end_process(apply_main())
