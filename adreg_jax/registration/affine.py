@@ -133,6 +133,29 @@ def _affine_step(similarity: str, learning_rate: float):
 
 @programs.jit
 def affine_warp(matrix, translation, moving):
-    """(the affine DDF on the moving image's grid, the moving image warped by it)"""
-    ddf = affine_ddf(matrix, translation, moving.shape[1:4])
-    return ddf, ops.warp(moving, ddf)
+    """The moving image (1, D, H, W, C) warped by the affine map (its DDF is not kept: the final
+    field is ``affine_then``)."""
+    return ops.warp(moving, affine_ddf(matrix, translation, moving.shape[1:4]))
+
+
+@programs.jit
+def affine_then(matrix, translation, ddf):
+    """The DDF (1, D, H, W, 3) of the affine map first, then ``ddf`` (the deformable stage's
+    field, which saw the moving image through the affine map): ``c(p) = b(p) + a(p + b(p))`` as
+    ``ops.compose(affine_ddf(...), ddf)``, with the affine map evaluated where the points land
+    instead of read by interpolation from a full-resolution copy of it: elementwise (a 1 mm
+    brain: no 100 MB field written and gathered from), and exact beyond the grid's edge too,
+    where ``ops.compose`` holds the edge value."""
+    shape = ddf.shape[1:4]
+    half = [n / 2.0 for n in shape]
+    # coordinates one component at a time: (..., 3) minor-axis products are slow on XLA:CPU
+    normalised = [
+        (jax.lax.broadcasted_iota(jnp.float32, shape, j) + ddf[0, ..., j] - (n - 1) / 2.0) / h
+        for j, (n, h) in enumerate(zip(shape, half, strict=True))
+    ]
+    components = [
+        ddf[0, ..., k]
+        + half[k] * (sum(matrix[k, j] * normalised[j] for j in range(3)) + translation[k])
+        for k in range(3)
+    ]
+    return jnp.stack(components, axis=-1)[None]

@@ -29,10 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adreg_jax import ops
 from adreg_jax.data.nifti import read_points, save_nifti
 from adreg_jax.registration import programs
-from adreg_jax.registration.affine import affine_warp, optimise_affine
+from adreg_jax.registration.affine import affine_then, affine_warp, optimise_affine
 from adreg_jax.registration.deformable import (
     DEFAULT_SMOOTH_WEIGHT,
     network_ddf,
@@ -72,8 +71,6 @@ from adreg_jax.registration.transform import (
     inverse_transform_field,
 )
 from adreg_jax.registration.transform_io import ddf_voxels_to_world_mm, save_transform
-
-_compose = programs.jit(ops.compose)
 
 # (raw array, affine, normalised array, detected modality) of a scan; a cohort passes a caching
 # loader so that an atlas shared by many pairs is read once.
@@ -245,16 +242,16 @@ def register_pair(
     fixed_j, moving_j = _on_device(fixed), _on_device(moving)
     loaded = time.perf_counter()
     progress = not args.quiet
-    affine, affine_voxel, velocity = None, None, None
+    matrix, affine_voxel, velocity = None, None, None
     source = moving_j  # the moving image the deformable stage sees
     if args.affine:
         matrix, translation = optimise_affine(
             fixed_j, moving_j, args.similarity, args.affine_steps, progress=progress,
             spacing=spacing,
         )  # fmt: skip
-        affine, source = jax.block_until_ready(affine_warp(matrix, translation, moving_j))
+        source = jax.block_until_ready(affine_warp(matrix, translation, moving_j))
         if masks is not None:  # the moving mask goes with the moving image
-            masks = (masks[0], affine_warp(matrix, translation, masks[1])[1])
+            masks = (masks[0], affine_warp(matrix, translation, masks[1]))
         affine_voxel = affine_voxel_matrix(np.asarray(matrix), np.asarray(translation), shape)
     stages = {"affine": time.perf_counter() - loaded}
     model = getattr(args, "model", None)
@@ -288,8 +285,8 @@ def register_pair(
         ddf = initial
     else:
         ddf = jnp.zeros((1, *shape, 3), jnp.float32)
-    if affine is not None:
-        ddf = _compose(affine, ddf)  # affine first, then the deformable field
+    if matrix is not None:
+        ddf = affine_then(matrix, translation, ddf)  # affine first, then the deformable field
     ddf = jax.block_until_ready(ddf)
     registered = time.perf_counter()
     stages["deformable"] = registered - loaded - stages["affine"] - stages["network"]
@@ -355,7 +352,7 @@ def register_pair(
             metrics["tre_mm"], metrics["tre_mm_before"] = float(after), float(before)
         finest = tuple(level_shape(shape, levels[-1])) if max(steps) > 0 else None
         measures = image_metrics(moving_j, warped_norm, fixed_j, args.similarity, finest)
-        if affine is not None:
+        if matrix is not None:
             # on the host: a jax operation here would queue behind the metrics' program
             metrics["affine_matrix"] = (np.asarray(matrix) + np.eye(3)).round(5).tolist()
             metrics["affine_translation_vox"] = (
