@@ -19,7 +19,9 @@ information (``ops.mutual_information``) for different ones (T1 to T2, MR to CT)
 
 Affine stage (``--affine``): Adam on a 12-parameter map over two coarse grids (1/8 and 1/4 of a
 1 mm brain), started from the centre-of-mass translation; the deformable stage then sees the
-moving image through it, and the written fields are the composition (affine first).
+moving image through it, and the written fields are the composition (affine first). Masks
+(``--fixed-mask``, ``--moving-mask``) restrict the similarity of both stages and the centres of
+mass.
 
 Instance optimisation: Adam on a stationary velocity field on a control grid (``--grid-factor``
 times coarser than the images of each level), integrated by scaling and squaring, resized to the

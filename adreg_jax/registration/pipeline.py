@@ -247,7 +247,7 @@ def register_pair(
     if args.affine:
         matrix, translation = optimise_affine(
             fixed_j, moving_j, args.similarity, args.affine_steps, progress=progress,
-            spacing=spacing,
+            spacing=spacing, masks=masks,
         )  # fmt: skip
         source = jax.block_until_ready(affine_warp(matrix, translation, moving_j))
         if masks is not None:  # the moving mask goes with the moving image

@@ -2,7 +2,8 @@
 
 Where this sits: used by the affine stage, the deformable stage and the metrics of
 adreg-register. ``ncc`` is local NCC (window 5, same modality); ``mi`` is Parzen mutual
-information (different modalities). With a weight map (``--fixed-mask``, and ``--moving-mask``
+information (different modalities); ``global_correlation`` the affine stage's same-modality
+measure. With a weight map (``--fixed-mask``, and ``--moving-mask``
 warped with the moving image) the similarity is the weighted mean of the local NCC map, or the
 MI of the weighted joint histogram: voxels outside count for nothing.
 """
@@ -17,6 +18,19 @@ SIMILARITIES = ("ncc", "mi")
 NCC_WINDOW = 5
 MI_BINS = 32
 MI_SIGMA_RATIO = 0.5  # Parzen sigma in bin widths, as ops.mutual_information's default
+
+
+def global_correlation(a, b, weight=None):
+    """Pearson correlation of images (1, D, H, W, 1), ``ops.ncc_global``; with a weight map
+    (1, D, H, W, 1) in [0, 1], the weighted correlation: means, covariance and variances as
+    weighted sums over the voxels (weight 1: ``ops.ncc_global``)."""
+    if weight is None:
+        return jnp.mean(ops.ncc_global(a, b))
+    total = jnp.maximum(jnp.sum(weight), 1e-6)
+    da = a - jnp.sum(weight * a) / total
+    db = b - jnp.sum(weight * b) / total
+    covariance = jnp.sum(weight * da * db)
+    return covariance / jnp.sqrt(jnp.sum(weight * da * da) * jnp.sum(weight * db * db) + 1e-8)
 
 
 def similarity_fn(name: str):
