@@ -417,3 +417,20 @@ def test_masks_restrict_the_affine_stage(tmp_path):
         errors[name] = np.linalg.norm(mapped - (probes + shift), axis=1).max()
     assert errors["masked"] < 0.3
     assert errors["unmasked"] > 1.0
+
+
+def test_levels_take_one_factor_per_axis_or_one_for_all(pair, tmp_path, capsys):
+    from adreg_jax.registration.levels import parse_levels
+
+    assert parse_levels(["4x4x1", "2X2x1", "1"]) == [(4, 4, 1), (2, 2, 1), (1, 1, 1)]
+    base = ["--fixed", pair["fixed"], "--moving", pair["moving"], "--quiet", "--no-png"]
+    for bad in ("4x4", "0", "2x2x-1", "two", "4x4x1x1"):
+        assert main([*base, "--out", str(tmp_path / "bad"), "--levels", bad]) == 1
+        error = capsys.readouterr().err.strip()
+        assert f"--levels {bad!r}" in error and "AxBxC" in error and "\n" not in error
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "per_axis"
+    argv = [*base, "--out", str(out), "--levels", "4x4x2", "2x2x1", "--instance-steps", "5"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["levels"] == [[4, 4, 2], [2, 2, 1]] and metrics["instance_steps"] == [5, 5]

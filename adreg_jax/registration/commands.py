@@ -164,12 +164,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--levels",
-        type=int,
         nargs="+",
         default=None,
-        help="downsampling factor of each instance-optimisation level, coarse to fine, the same "
-        "along every axis (default: chosen from the scan's size and spacing per axis, see "
-        "registration.levels: 4 2 for a 1 mm brain or a 2 mm CT)",
+        metavar="F|FxFxF",
+        help="downsampling (shrink) factor of each instance-optimisation level, coarse to fine: "
+        "one number for every axis, or one per array axis as AxBxC (e.g. 4x4x1 2x2x1 1 for "
+        "thick slices along the third axis, as ANTs' --shrink-factors per level); default: "
+        "chosen from the scan's size and spacing per axis, see registration.levels (4 2 for a "
+        "1 mm brain or a 2 mm CT)",
     )
     parser.add_argument(
         "--motion-mm",

@@ -151,6 +151,26 @@ def affine_steps(level_voxels: Sequence[int]) -> tuple[int, ...]:
     )
 
 
+def parse_levels(values: Sequence[str], flag: str = "--levels") -> list[Factors]:
+    """Per-axis factors of levels given as text, coarse to fine: "4" (every axis) or "4x4x1" (one
+    per array axis); ``ValueError`` naming ``flag`` and the value for anything else (a factor
+    below 1, two or four factors, a non-integer)."""
+    levels = []
+    for value in values:
+        parts = str(value).lower().split("x")
+        try:
+            factors = tuple(int(part) for part in parts)
+        except ValueError:
+            factors = ()
+        if len(factors) not in (1, 3) or min(factors, default=0) < 1:
+            raise ValueError(
+                f"{flag} {value!r}: expected a positive integer factor (e.g. 4) or one per axis "
+                f"as AxBxC (e.g. 4x4x1)"
+            )
+        levels.append(factors * 3 if len(factors) == 1 else factors)
+    return levels
+
+
 def level_voxels(shape: Sequence[int], levels: Sequence[Sequence[int] | int]) -> list[int]:
     """The voxel count of each level's grid."""
     return [int(np.prod(level_shape(shape, factors))) for factors in levels]

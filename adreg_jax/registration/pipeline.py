@@ -44,6 +44,7 @@ from adreg_jax.registration.levels import (
     deformable_levels,
     level_shape,
     level_voxels,
+    parse_levels,
 )
 from adreg_jax.registration.loading import (
     check_points_inside,
@@ -117,10 +118,12 @@ def check_options(args: argparse.Namespace) -> None:
         raise ValueError(
             "nothing to do: give --checkpoint or --model, --affine and/or --instance-steps > 0"
         )
+    if args.levels:
+        parse_levels(args.levels)  # a malformed factor fails here, before any scan is read
     if args.levels and len(steps) not in (1, len(args.levels)):
         raise ValueError(
             f"--instance-steps {args.instance_steps}: give one number, or one per level of "
-            f"--levels {tuple(args.levels)}"
+            f"--levels {' '.join(map(str, args.levels))}"
         )
     if args.inverse and max(steps) > 0 and args.integration_steps <= 0:
         raise ValueError(
@@ -232,7 +235,7 @@ def register_pair(
     spacing = spacing_of(fixed_affine)
     motion_mm = args.motion_mm or DEFAULT_MOTION_MM[modality["fixed"]]
     if args.levels:
-        levels = [(int(f),) * 3 for f in args.levels]
+        levels = parse_levels(args.levels)
     else:
         levels = deformable_levels(
             shape, spacing, motion_mm, finest_mm=float(np.min(spacing_of(moving_affine)))
