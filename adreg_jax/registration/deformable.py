@@ -136,9 +136,10 @@ def optimise_velocity(
     and keeps the cost down: the gradient through each squaring step is a scatter-add over the
     velocity grid, the dominant cost per step.
 
-    The velocity is carried between levels with ``resize_ddf``; its DDF on the fixed grid
+    The velocity is carried between levels with ``resize_ddf``. Its DDF on the fixed grid
     (``velocity_to_ddf``) is the last level's integrated field resized, the map the optimisation
-    saw.
+    saw, where that map folds no control cell; where it does, exp(v) composed on the fixed grid
+    from a root that folds none (``velocity_flow``), a diffeomorphism, as its inverse needs.
     ``spacing``: the fixed grid's voxel size in mm; the smoothness is measured in mm
     (``smoothness_mm``) on each level's control grid. ``masks``: (fixed mask, moving mask on the
     fixed grid), each (1, D, H, W, 1) in [0, 1]: the similarity counts the voxels inside the
