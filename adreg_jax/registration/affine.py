@@ -16,11 +16,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from adreg_jax import ops
 from adreg_jax.registration import programs
-from adreg_jax.registration.deformable import resize_image
+from adreg_jax.registration.deformable import apply_updates, lazy_adam, resize_image
 from adreg_jax.registration.levels import affine_levels, affine_steps, level_shape, level_voxels
 from adreg_jax.registration.similarity import global_correlation, similarity_fn
 
@@ -109,9 +108,9 @@ def optimise_affine(
 
 @functools.cache
 def _affine_step(similarity: str, learning_rate: float):
-    """(the optimizer, one jitted Adam step on the affine parameters, the optimizer's jitted
-    initialisation), cached like the deformable stage's steps so that a cohort compiles them
-    once."""
+    """(the optimizer (``deformable.lazy_adam``), one jitted Adam step on the affine parameters,
+    the optimizer's jitted initialisation), cached like the deformable stage's steps so that a
+    cohort compiles them once."""
     # Same modality: the global correlation. Local NCC, right for the deformable stage, is biased
     # here: it rewards the smoothing that magnification brings (measured: a rotated, shifted
     # textured phantom came out scaled by 0.95).
@@ -119,7 +118,7 @@ def _affine_step(similarity: str, learning_rate: float):
         sim = global_correlation
     else:
         sim = similarity_fn(similarity)
-    optimizer = optax.adam(learning_rate)
+    optimizer = lazy_adam(learning_rate)
 
     def loss_fn(p, fixed, moving, masks):
         ddf = affine_ddf(p["matrix"], p["translation"], fixed.shape[1:4])
@@ -132,12 +131,12 @@ def _affine_step(similarity: str, learning_rate: float):
     @programs.jit(key=(similarity, learning_rate))
     def step(p, state, fixed, moving, masks):
         loss, grad = jax.value_and_grad(loss_fn)(p, fixed, moving, masks)
-        updates, state = optimizer.update(grad, state, p)
-        return optax.apply_updates(p, updates), state, loss
+        updates, state = optimizer().update(grad, state, p)
+        return apply_updates(p, updates), state, loss
 
     @programs.jit(key=(similarity, learning_rate))
     def init(p):  # one program, not one per zeros_like
-        return optimizer.init(p)
+        return optimizer().init(p)
 
     return optimizer, step, init
 

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from adreg_jax import ops
 from adreg_jax.ops.resample import resize_linear
@@ -57,15 +56,36 @@ def smoothness_mm(velocity: jnp.ndarray, spacing_mm: jnp.ndarray) -> jnp.ndarray
     return total / 3.0
 
 
+def lazy_adam(learning_rate: float):
+    """A function that returns ``optax.adam(learning_rate)``, made (and Optax imported, 0.1-0.2 s)
+    on the first call, when a step is traced: a run whose programs all come from disk
+    (``programs``) never imports Optax."""
+
+    @functools.cache
+    def optimizer():
+        import optax
+
+        return optax.adam(learning_rate)
+
+    return optimizer
+
+
+def apply_updates(params, updates):
+    """``optax.apply_updates`` (Optax imported here, see ``lazy_adam``)."""
+    import optax
+
+    return optax.apply_updates(params, updates)
+
+
 @functools.cache
 def _level_step(
     similarity: str, smooth_weight: float, integration_steps: int, learning_rate: float
 ):
-    """(the optimizer, one jitted Adam step on a (coarser) velocity against the images of one
-    level). Cached: every pair of a cohort, and every level of the same shapes, reuses the
-    compiled program (a new jitted function would be traced and compiled again)."""
+    """(the optimizer (``lazy_adam``), one jitted Adam step on a (coarser) velocity against the
+    images of one level). Cached: every pair of a cohort, and every level of the same shapes,
+    reuses the compiled program (a new jitted function would be traced and compiled again)."""
     sim = similarity_fn(similarity)
-    optimizer = optax.adam(learning_rate)
+    optimizer = lazy_adam(learning_rate)
 
     def loss_fn(velocity, fixed, moving, grid_spacing, masks):
         ddf = ops.integrate_velocity(velocity, integration_steps)
@@ -84,8 +104,8 @@ def _level_step(
     @programs.jit(key=options)
     def step(velocity, opt_state, fixed, moving, grid_spacing, masks):
         loss, grad = jax.value_and_grad(loss_fn)(velocity, fixed, moving, grid_spacing, masks)
-        updates, opt_state = optimizer.update(grad, opt_state, velocity)
-        return optax.apply_updates(velocity, updates), opt_state, loss
+        updates, opt_state = optimizer().update(grad, opt_state, velocity)
+        return apply_updates(velocity, updates), opt_state, loss
 
     # A level's inputs in one program (op by op, each resize and the optimizer's zeros were
     # programs of their own, each traced, lowered and fetched from the compilation cache).
@@ -97,7 +117,7 @@ def _level_step(
             velocity = jnp.zeros((1, *grid_shape, 3), jnp.float32)
         else:
             velocity = ops.resize_ddf(velocity.astype(jnp.float32), grid_shape)
-        return fixed_l, moving_l, masks_l, velocity, optimizer.init(velocity)
+        return fixed_l, moving_l, masks_l, velocity, optimizer().init(velocity)
 
     return optimizer, step, start
 
