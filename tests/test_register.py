@@ -160,6 +160,9 @@ def test_levels_shrink_fine_axes_first_and_stop_by_cost_and_motion():
     assert levels.default_steps([8_512, 69_888]) == (60, 60)
     assert levels.default_steps([107_520, 860_160]) == (47, 8)
     assert levels.default_steps([100_000_000]) == (8,)
+    # CT: a larger budget (the DIR-Lab-sized phantom's levels get 60 and 20, not 35 and 8)
+    assert levels.default_steps([143_360, 1_146_880], "ct") == (60, 20)
+    assert levels.default_steps([8_512, 69_888], "ct") == (60, 60)
     assert levels.level_voxels((160, 224, 192), [(4, 4, 4), (2, 2, 2)]) == [107_520, 860_160]
     # the affine stage: 100 at its coarsest level, by cost at the finer
     assert levels.affine_steps([13_440, 107_520]) == (100, 37)

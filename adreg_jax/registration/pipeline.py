@@ -86,12 +86,13 @@ def load_scan(path: str, name: str) -> Loaded:
     return raw, affine, normalised, modality
 
 
-def _steps(args: argparse.Namespace, voxels: list[int]) -> list[int]:
+def _steps(args: argparse.Namespace, voxels: list[int], modality: str = "mr") -> list[int]:
     """Adam steps per deformable level (``voxels``: the voxel count of each level's grid):
-    ``--instance-steps`` (one number for all, or one per level) or ``levels.default_steps``."""
+    ``--instance-steps`` (one number for all, or one per level) or ``levels.default_steps`` (for
+    the fixed scan's ``modality``)."""
     levels = len(voxels)
     if args.instance_steps is None:
-        return list(default_steps(voxels))
+        return list(default_steps(voxels, modality))
     if len(args.instance_steps) not in (1, levels):
         raise ValueError(
             f"--instance-steps {args.instance_steps}: give one number, or one per level of the "
@@ -240,7 +241,7 @@ def register_pair(
         levels = deformable_levels(
             shape, spacing, motion_mm, finest_mm=float(np.min(spacing_of(moving_affine)))
         )
-    steps = _steps(args, level_voxels(shape, levels))
+    steps = _steps(args, level_voxels(shape, levels), modality["fixed"])
 
     fixed_j, moving_j = _on_device(fixed), _on_device(moving)
     loaded = time.perf_counter()
