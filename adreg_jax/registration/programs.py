@@ -12,7 +12,8 @@ the executable is serialised (``jax.experimental.serialize_executable``) togethe
 argument and result tree structures, under a key made of the function's name, the caller's
 ``key`` (what its closure captures: options, not arrays), the static arguments, the shape, dtype
 and weak type of every array argument, the device, and the versions of the code (a hash of the
-package's source files), JAX, jaxlib, Optax and ``XLA_FLAGS``. A later process (or a later call
+source files of ``adreg_jax.ops`` and ``adreg_jax.registration``, which the programs are made
+of), JAX, jaxlib, Optax and ``XLA_FLAGS``. A later process (or a later call
 with other shapes) with the same key loads the executable and calls it directly.
 
 Without a folder (``set_directory(None)``, ``--cache-dir ''``), with keyword arguments, with
@@ -50,13 +51,15 @@ def directory() -> Path | None:
 
 @functools.cache
 def _code_version() -> str:
-    """A hash of the package's Python source and of the versions that decide what a program
-    computes and how it was compiled."""
+    """A hash of the Python source of the registration stages and array functions, and of the
+    versions that decide what a program computes and how it was compiled."""
     digest = hashlib.sha256()
     package = Path(__file__).resolve().parents[1]
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode())
-        digest.update(path.read_bytes())
+    # what the programs are made of: the registration stages and the array functions they call
+    for folder in ("ops", "registration"):
+        for path in sorted((package / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(package)).encode())
+            digest.update(path.read_bytes())
     for name in ("jax", "jaxlib", "optax"):
         try:
             version = importlib.metadata.version(name)
