@@ -8,6 +8,10 @@ The iterator's ``get_state()`` / ``set_state()`` is what a checkpoint saves to r
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Iterator
 
 import grain
@@ -278,6 +282,23 @@ def make_iterator(
     )
     if data.num_workers > 0:
         iter_dataset = iter_dataset.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=int(data.num_workers))
+            grain.MultiprocessingOptions(num_workers=int(data.num_workers)),
+            worker_init_fn=_exit_with_parent,
         )
     return iter(iter_dataset)
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """Grain worker start-up: a daemon thread ends the worker once its parent is gone. Without
+    it, a training run ended by a signal (kill, a scheduler's time limit) left its workers
+    running, orphaned, each holding memory and CPU time until killed by hand."""
+    del worker_index, worker_count
+    parent = multiprocessing.parent_process()  # the training process (gone already: reparented)
+    parent_pid = parent.pid if parent is not None else os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
