@@ -36,7 +36,7 @@ from adreg_jax.registration.pipeline import Loaded, check_options, load_scan, re
 TABLE = "metrics.csv"
 # Pairs in flight per device: two let one pair's host work (gzip, matplotlib) overlap another's
 # optimisation. Ten 1 mm brain pairs on the idle 2-core CPU (benchmarks/registration_outputs.py
-# --parts cohort): 53.4 s with two, 56.8 s with one, 86.4 s as ten commands. (On a machine
+# --parts cohort): 51.7 s with two, 55.3 s with one, 72.3 s as ten commands. (On a machine
 # loaded by other jobs two measured slower, 458 s against 433 s.) They hold twice the volumes.
 WORKERS_PER_DEVICE = 2
 
