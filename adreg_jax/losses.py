@@ -78,9 +78,16 @@ def registration_loss(
     when ``loss_config.dice_weight`` > 0 and the batch carries ``fixed_seg`` and ``moving_seg``.
     """
     warped, ddf, fixed = outputs["warped"], outputs["ddf"], batch["fixed"]
+
+    def reported_only(weight: float, value: jnp.ndarray) -> jnp.ndarray:
+        # a term weighted 0 is still computed for the logs, but no gradient is taken through it
+        return value if weight else jax.lax.stop_gradient(value)
+
+    ncc_in = reported_only(loss_config.ncc_weight, warped)
+    ssim_in = reported_only(loss_config.ssim_weight, warped)
     terms = {
-        "ncc": jnp.mean(ops.ncc_local(warped, fixed, window=int(loss_config.ncc_window))),
-        "ssim": jnp.mean(ops.ssim(warped, fixed)),
+        "ncc": jnp.mean(ops.ncc_local(ncc_in, fixed, window=int(loss_config.ncc_window))),
+        "ssim": jnp.mean(ops.ssim(ssim_in, fixed)),
         "smoothness": ops.smoothness(ddf),
         "negative_jacobian": ops.negative_jacobian_penalty(ddf),
     }

@@ -235,3 +235,29 @@ def test_field_error_term_closed_form():
     assert float(terms["ddf_error"]) == pytest.approx(5.0, abs=1e-5)
     # a constant field has no smoothness or Jacobian cost: the loss falls by 0.5 * 5
     assert float(loss_zero - loss_true) == pytest.approx(2.5, abs=1e-4)
+
+
+def test_image_terms_weighted_zero_are_reported_without_gradient():
+    """A label-only recipe (ncc_weight = ssim_weight = 0) still logs NCC and SSIM, but the loss's
+    gradient does not flow through them: no backward pass is spent on a term that weighs 0."""
+    config = default.get_config()
+    rng = np.random.default_rng(0)
+    fixed = jnp.asarray(rng.uniform(size=(1, 12, 12, 12, 1)), jnp.float32)
+    outputs = {"warped": fixed[:, ::-1], "ddf": jnp.zeros((1, 12, 12, 12, 3))}
+
+    def gradient(ncc_weight, ssim_weight):
+        config.loss.ncc_weight, config.loss.ssim_weight = ncc_weight, ssim_weight
+
+        def loss(warped):
+            value, terms = registration_loss(
+                {**outputs, "warped": warped}, {"fixed": fixed}, config.loss
+            )
+            return value, terms
+
+        return jax.grad(loss, has_aux=True)(outputs["warped"])
+
+    grad, terms = gradient(0.0, 0.0)
+    assert float(jnp.abs(grad).max()) == 0.0
+    assert 0.0 < float(terms["ncc"]) < 1.0 and np.isfinite(float(terms["ssim"]))
+    for weights in ((1.0, 0.0), (0.0, 1.0)):
+        assert float(jnp.abs(gradient(*weights)[0]).max()) > 0.0
