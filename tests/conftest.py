@@ -28,6 +28,7 @@ takes seconds to compile each. Three settings cut that without changing what any
 import os
 import shutil
 import tempfile
+from importlib.metadata import version
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "2")
@@ -42,7 +43,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 else:
     _OWN_CACHE = None
-for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+_FLAGS = ["--xla_backend_optimization_level=0"]
+# jaxlib 0.11 dropped the older emitters and ends the process on a flag it does not know
+if tuple(int(p) for p in version("jaxlib").split(".")[:2]) < (0, 11):
+    _FLAGS.append("--xla_cpu_use_fusion_emitters=false")
+for _flag in _FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
