@@ -42,6 +42,7 @@ import json
 import math
 import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,120 @@ def train_variant(config: ml_collections.ConfigDict, workdir: Path) -> str:
     train_and_evaluate(config, workdir)
     done.write_text(json.dumps({"config": wanted}, indent=2))
     return "trained"
+
+
+def _evaluated_steps(run: Path) -> list[int]:
+    """Steps of ``run`` that were validated and have a finished checkpoint (ascending)."""
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    validated = set()
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if any(key.startswith("val/") for key in record):
+            validated.add(int(record["step"]))
+    saved = {int(d.name) for d in (run / "checkpoints").glob("*") if d.name.isdigit()}
+    return sorted(validated & saved)
+
+
+def train_concurrently(argv: list[str], runs: dict[str, Path], minutes: float) -> int:
+    """Train every variant at once, each in a process of its own (``--train-only``), for
+    ``minutes`` of wall time; then stop them all and cut every run back to the last step that all
+    of them validated and saved, which is returned (the study's number of steps).
+
+    Meant for one accelerator that a single small run leaves mostly idle: the variants share it,
+    the host's cores make their data. Each run keeps every validated checkpoint meanwhile
+    (``train.keep_best`` raised in the children only), so that the common step is still there.
+    Logs: ``WORKDIR/<slug>/train.log``."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = dict(os.environ)
+    # several processes on one GPU: each takes memory as it needs it, not 75 % of the card
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    base = _drop_option_values(argv, ("--variants", "--minutes", "--real-pairs", "--steps"))
+    children = {}
+    for name, run in runs.items():
+        run.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            *base,
+            "--variants",
+            variant_slug(name),
+            "--steps",
+            str(10**9),
+            "--train-only",
+            f"--config.train.keep_best={10**6}",
+        ]
+        log = (run / "train.log").open("a")
+        children[name] = (
+            subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            ),
+            log,
+        )
+        print(f"started {name}: {run / 'train.log'}", flush=True)
+    deadline = time.monotonic() + 60.0 * minutes
+    while time.monotonic() < deadline and all(c.poll() is None for c, _ in children.values()):
+        time.sleep(5.0)
+    for child, _ in children.values():
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGTERM)
+    for child, log in children.values():
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        log.close()
+    return cut_to_common_step(runs, f"after {minutes} min")
+
+
+def cut_to_common_step(runs: dict[str, Path], when: str = "") -> int:
+    """Cut every run back to the last step that all of them validated and saved: later
+    checkpoints are deleted and metrics.jsonl stops there. Returns that step; a ValueError (with
+    the logs' ends) when there is none."""
+    reached = {name: _evaluated_steps(run) for name, run in runs.items()}
+    for name, steps in reached.items():
+        print(f"{name}: validated and saved up to step {max(steps, default=0)}", flush=True)
+    common = set.intersection(*(set(steps) for steps in reached.values()))
+    if not common:
+        tails = {}
+        for name, run in runs.items():
+            log = run / "train.log"
+            tails[name] = log.read_text()[-2000:] if log.is_file() else "(no train.log)"
+        raise ValueError(
+            f"{when}: no step was validated and saved by every variant (see eval_every, "
+            f"checkpoint_every); the logs end: {tails}"
+        )
+    step = max(common)
+    for run in runs.values():
+        for folder in (run / "checkpoints").glob("*"):
+            if folder.name.isdigit() and int(folder.name) > step:
+                shutil.rmtree(folder)
+        # the cut run's log stops at the common step too
+        metrics = run / "metrics.jsonl"
+        kept = [
+            line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= step
+        ]
+        metrics.write_text("".join(line + "\n" for line in kept))
+    return step
+
+
+def _drop_option_values(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` without ``options`` and the values that follow each (up to the next option)."""
+    kept, skipping = [], False
+    for arg in argv:
+        if arg.startswith("-"):
+            skipping = arg.split("=")[0] in options
+            if skipping:
+                continue
+        if not skipping:
+            kept.append(arg)
+    return kept
 
 
 def real_pair_metrics(
@@ -252,7 +367,18 @@ def main(argv: list[str] | None = None) -> int:
         help="also run each variant's network alone on these real brain pairs",
     )
     parser.add_argument("--data", default=str(real_scans.DATA), help="the shared real scans")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="train all variants at once for this long (one accelerator shared), then cut every "
+        "run to the last step all of them validated: that is the study's number of steps",
+    )
+    parser.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
+    if args.minutes is not None and args.steps is not None:
+        print("error: --minutes decides the steps; leave --steps out", file=sys.stderr)
+        return 1
     command = shlex.join(
         ["python", "benchmarks/ablation.py", *(sys.argv[1:] if argv is None else argv)]
     )
@@ -291,6 +417,17 @@ def main(argv: list[str] | None = None) -> int:
                 "one region: regional attention is the identity there"
             )
         runs = {name: workdir / variant_slug(name) for name in configs}
+        if args.train_only:  # a child of --minutes
+            from adreg_jax.training import train_and_evaluate
+
+            for name, variant in configs.items():
+                train_and_evaluate(variant, runs[name])
+            return 0
+        if args.minutes is not None:
+            steps = train_concurrently(sys.argv[1:] if argv is None else argv, runs, args.minutes)
+            print(f"== every variant cut to step {steps}", flush=True)
+            config.train.max_steps = steps
+            configs = variant_configs(config, args.variants)
         for name, variant in configs.items():
             print(f"== {name}: {runs[name]}", flush=True)
             status = train_variant(variant, runs[name])
