@@ -7,6 +7,9 @@ trained alike, evaluated on the same held-out pairs (and optionally on real brai
         --steps 200 --variants ad-regnet-full u-net-baseline
     python benchmarks/ablation.py --config configs/demo.py --workdir /tmp/ablation_smoke \\
         --steps 2 --image-size 16 16 16 --config.data.val_size=1 --config.data.test_size=4
+    # on one GPU, all five at once for 6 minutes (the README's table: 5200 steps on an H200)
+    python benchmarks/ablation.py --config configs/brain.py --workdir runs/gpu_ablation \\
+        --minutes 6 --config.data.num_workers=2
 
 Where this sits: for each variant, the config with that variant's ``config.model`` overrides ->
 ``training.train_and_evaluate`` in ``WORKDIR/<slug>`` (slugs: ``ad-regnet-full``,
@@ -20,11 +23,19 @@ the brain pairs of ``benchmarks/real_scans.py`` (needs ``../shared/data``).
 
 Every variant gets the same config, seed (so the same training batches) and number of steps
 (``--steps``, default the config's ``train.max_steps``; early stopping is switched off so that
-no variant stops sooner). Config fields are overridden as in train.py (``--config.a.b=value``);
-``--image-size D H W`` sets ``config.data.image_size``. A killed study run again with the same
-command goes on where it stopped: a variant that finished (``WORKDIR/<slug>/ablation_done.json``
-records its config) is not trained again, one that was interrupted resumes from its last
-checkpoint (``train_and_evaluate``). Evaluations are always redone (they are deterministic).
+no variant stops sooner). With ``--minutes M`` instead, the variants train at once, a process
+each (``WORKDIR/<slug>/train.log``), for M minutes of wall time; then each is cut back to the last
+step that all of them validated and saved, which becomes the number of steps (a small model
+leaves one GPU mostly idle, and its data comes from the host's cores). The study is then
+finished, evaluated or extended to real pairs elsewhere with ``--steps`` set to that number and the
+same overrides (the finished variants are not trained again).
+
+Config fields are overridden as in train.py (``--config.a.b=value``); ``--image-size D H W``
+sets ``config.data.image_size``. A killed study run again with the same command goes on where it
+stopped: a variant that finished (``WORKDIR/<slug>/ablation_done.json`` records its config) is
+not trained again, one that was interrupted resumes from its last checkpoint
+(``train_and_evaluate``; with ``--minutes``, the children stop with the study and the minutes
+count again from the restart). Evaluations are always redone (they are deterministic).
 A smoke-sized image can make the deepest feature map one region: regional attention is then the
 identity and "no regional attention" the full model again (the script prints a note).
 
@@ -191,19 +202,24 @@ def train_concurrently(argv: list[str], runs: dict[str, Path], minutes: float) -
             log,
         )
         print(f"started {name}: {run / 'train.log'}", flush=True)
-    deadline = time.monotonic() + 60.0 * minutes
-    while time.monotonic() < deadline and all(c.poll() is None for c, _ in children.values()):
-        time.sleep(5.0)
-    for child, _ in children.values():
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)
-    for child, log in children.values():
-        try:
-            child.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-        log.close()
+    # the children run in sessions of their own: stopped with this process however it ends
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        deadline = time.monotonic() + 60.0 * minutes
+        while time.monotonic() < deadline and all(c.poll() is None for c, _ in children.values()):
+            time.sleep(5.0)
+    finally:
+        for child, _ in children.values():
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
+        for child, log in children.values():
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+            log.close()
+        signal.signal(signal.SIGTERM, previous)
     return cut_to_common_step(runs, f"after {minutes} min")
 
 
