@@ -61,22 +61,39 @@ def _clip_bounds(n: int, mode: str) -> tuple[float, float]:
     return (-1.0, float(n)) if mode == "constant" else (0.0, float(n - 1))
 
 
-def _gather_corners(
-    image: jnp.ndarray, coords: Coords, mode: str
-) -> tuple[list[jnp.ndarray], Coords]:
-    """Corner values (8 arrays (B, N, C), in ``_CORNERS`` order) and fractional offsets of raw
-    coords, clipped first.
+def _computed_once(fn, coords: Coords):
+    """``fn(coords)`` (the cells' flat indices and fractions), materialised once on XLA:CPU
+    (``sample``'s ``index_once``).
 
-    The image is padded by 1 below and 2 above each axis (zeros, or edge values for border) so
-    that the cell of any clipped coordinate, and its upper corner, exist; then each corner is one
-    gather from the flattened padded image at the cell's flat index plus a constant offset.
-    """
-    b, d, h, w, c = image.shape
-    pad_mode = "constant" if mode == "constant" else "edge"
-    padded = jnp.pad(image, ((0, 0), (1, 2), (1, 2), (1, 2), (0, 0)), mode=pad_mode)
-    # Batch items are laid end to end, so that each corner is a plain 1-D gather (a vmapped gather
-    # carries (batch, index) pairs, measured several times slower in the backward pass).
-    flat_image = padded.reshape(-1, c)
+    XLA:CPU fuses an elementwise producer into each of its consumers: the index arithmetic of a
+    cell (clip, floor, the flat index, and whatever computed the coordinates: an iota, a resized
+    field) is recomputed inside each of the 8 corner gathers, in their scalar loops (measured,
+    8 gathers at 98x116x94 points whose coordinates come from a field: 59 ms fused, 15 ms with
+    the indices computed once; but a warp whose coordinates are an array plus an iota is faster
+    fused: a 197x233x189 warp 63 ms fused, 106 ms with 140 MB of indices written and read).
+    Neither ``optimization_barrier`` (dropped by XLA:CPU) nor a loop of known trip count
+    (unrolled) stops that fusion; a while loop whose trip count XLA cannot know does: it runs
+    ``fn`` once (twice where the first coordinate is NaN, the same result). Elsewhere (GPU)
+    ``fn`` is called as it is."""
+    if jax.default_backend() != "cpu":
+        return fn(coords)
+    probe = coords[0].reshape(-1)[0]
+    trips = 1 + jnp.isnan(probe).astype(jnp.int32)
+    # the initial carry reuses the coordinates' buffers where it can (no zero-filled arrays)
+    first = coords[0]
+    if first.dtype == jnp.float32:
+        base = jax.lax.bitcast_convert_type(first, jnp.int32)
+    else:
+        base = jnp.zeros(first.shape, jnp.int32)
+    init = (base, tuple(coords))
+    return jax.lax.fori_loop(0, trips, lambda _, carry: fn(coords), init)
+
+
+def _cells(shape: tuple[int, ...], coords: Coords, mode: str) -> tuple[jnp.ndarray, Coords]:
+    """(flat index into the padded image of ``_gather_corners`` of each point's cell, its lower
+    corner; fractional offsets in the cell) of raw coords (3 x (B, N)), clipped first, for an
+    image of ``shape`` (B, D, H, W, C)."""
+    b, d, h, w, _ = shape
     row, plane = w + 3, (h + 3) * (w + 3)
     volume = (d + 3) * plane
     fracs, idxs = [], []
@@ -85,13 +102,76 @@ def _gather_corners(
         lower = jnp.floor(clipped)
         fracs.append(clipped - lower)
         idxs.append(lower.astype(jnp.int32) + 1)  # padded index of the lower corner
+    # Batch items are laid end to end, so that each corner is a plain 1-D gather (a vmapped gather
+    # carries (batch, index) pairs, measured several times slower in the backward pass).
     batch_start = (jnp.arange(b, dtype=jnp.int32) * volume)[:, None]
-    base = idxs[0] * plane + idxs[1] * row + idxs[2] + batch_start
+    return idxs[0] * plane + idxs[1] * row + idxs[2] + batch_start, tuple(fracs)
+
+
+def _corner_offsets(shape: tuple[int, ...]) -> list[int]:
+    """Flat offsets of the 8 corners of a cell (``_CORNERS`` order) in the padded image."""
+    _, _, h, w, _ = shape
+    row, plane = w + 3, (h + 3) * (w + 3)
+    return [dd * plane + dh * row + dw for dd, dh, dw in _CORNERS]
+
+
+_PADDING = ((0, 0), (1, 2), (1, 2), (1, 2), (0, 0))
+
+
+def _pad_mode(mode: str) -> str:
+    return "constant" if mode == "constant" else "edge"
+
+
+def _gather_corners(
+    image: jnp.ndarray, coords: Coords, mode: str, index_once: bool = False
+) -> tuple[list[jnp.ndarray], Coords]:
+    """Corner values (8 arrays (B, N, C), in ``_CORNERS`` order) and fractional offsets of raw
+    coords, clipped first.
+
+    The image is padded by 1 below and 2 above each axis (zeros, or edge values for border) so
+    that the cell of any clipped coordinate, and its upper corner, exist; then each corner is one
+    gather from the flattened padded image at the cell's flat index plus a constant offset.
+    """
+    padded = jnp.pad(image, _PADDING, mode=_pad_mode(mode))
+    flat_image = padded.reshape(-1, image.shape[-1])
+
+    def cells(coords):
+        return _cells(image.shape, coords, mode)
+
+    base, fracs = _computed_once(cells, coords) if index_once else cells(coords)
 
     def gather(offset):
         return flat_image.at[base + offset].get(mode="promise_in_bounds")
 
-    return [gather(dd * plane + dh * row + dw) for dd, dh, dw in _CORNERS], tuple(fracs)
+    return [gather(offset) for offset in _corner_offsets(image.shape)], fracs
+
+
+def _scatter_corners(
+    image: jnp.ndarray, coords: Coords, mode: str, cotangent: jnp.ndarray
+) -> jnp.ndarray:
+    """The gradient with respect to ``image`` of its trilinear samples at ``coords`` (the
+    transpose of ``_gather_corners`` and the blend), given the samples' ``cotangent`` (B, N, C).
+
+    Each corner's share (the cotangent times the corner's trilinear weight) is added into one
+    accumulator, 8 scatter-adds in place, and the padding's transpose is taken last. Autodiff of
+    the gathers made 8 scatters into 8 zero-filled copies of the padded image, summed by 7 more
+    passes over it (measured: half the backward pass of a 49x58x47 integration).
+    """
+    padded_shape = tuple(n + lo + hi for n, (lo, hi) in zip(image.shape, _PADDING, strict=True))
+    base, fracs = _cells(image.shape, coords, mode)
+    ct = cotangent.astype(image.dtype)
+    td, th, tw = (f[..., None].astype(image.dtype) for f in fracs)
+    weights = {0: (1.0 - td, 1.0 - th, 1.0 - tw), 1: (td, th, tw)}
+    channels = image.shape[-1]
+    accumulator = jnp.zeros((int(np.prod(padded_shape[:-1])), channels), image.dtype)
+    for (dd, dh, dw), offset in zip(_CORNERS, _corner_offsets(image.shape), strict=True):
+        share = ct * weights[dd][0] * weights[dh][1] * weights[dw][2]
+        accumulator = accumulator.at[(base + offset).reshape(-1)].add(
+            share.reshape(-1, channels), mode="promise_in_bounds"
+        )
+    _, unpad = jax.vjp(lambda im: jnp.pad(im, _PADDING, mode=_pad_mode(mode)), image)
+    (image_ct,) = unpad(accumulator.reshape(padded_shape))
+    return image_ct
 
 
 def _lerp(lo: jnp.ndarray, hi: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
@@ -125,11 +205,15 @@ def _trilinear(
 
 
 def _sample_linear(
-    image: jnp.ndarray, coords: Coords, mode: str, with_grad: bool = False
+    image: jnp.ndarray,
+    coords: Coords,
+    mode: str,
+    with_grad: bool = False,
+    index_once: bool = False,
 ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, ...] | None]:
     """Trilinear samples (B, N, C) of image (B, D, H, W, C) at raw coords (3 x (B, N)), and with
     ``with_grad`` their derivatives w.r.t. the coords along D, H, W (three (B, N, C) arrays)."""
-    values, frac = _gather_corners(image, coords, mode)
+    values, frac = _gather_corners(image, coords, mode, index_once)
     value, grad = _trilinear(values, frac, with_grad)
     if with_grad:
         # Clipping is flat outside its range: there the read does not move with the coordinate.
@@ -141,19 +225,23 @@ def _sample_linear(
     return value, grad
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _sample_linear_fast(image: jnp.ndarray, coords: Coords, mode: str) -> jnp.ndarray:
-    return _sample_linear(image, coords, mode)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _sample_linear_fast(
+    image: jnp.ndarray, coords: Coords, mode: str, index_once: bool = False
+) -> jnp.ndarray:
+    return _sample_linear(image, coords, mode, index_once=index_once)[0]
 
 
-def _sample_fwd(image, coords, mode):
+def _sample_fwd(image, coords, mode, index_once):
     # With symbolic_zeros, each input leaf arrives as CustomVJPPrimal(value, perturbed); the
     # perturbed bits are static. The coordinate derivative comes out of the same gathers as the
     # value, so it is computed here (one pass over memory) and kept for the backward pass.
     image_val = image.value
     coords_val = tuple(c.value for c in coords)
     coords_perturbed = any(c.perturbed for c in coords)
-    out, coord_grad = _sample_linear(image_val, coords_val, mode, with_grad=coords_perturbed)
+    out, coord_grad = _sample_linear(
+        image_val, coords_val, mode, with_grad=coords_perturbed, index_once=index_once
+    )
     keep_image = (image_val, coords_val) if image.perturbed else None
     return out, (keep_image, coord_grad)
 
@@ -169,7 +257,7 @@ def _sum_channels(x: jnp.ndarray) -> jnp.ndarray:
     return total
 
 
-def _sample_bwd(mode, residuals, cotangent):
+def _sample_bwd(mode, index_once, residuals, cotangent):
     keep_image, coord_grad = residuals
     if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
         return None, (None, None, None)
@@ -180,10 +268,9 @@ def _sample_bwd(mode, residuals, cotangent):
     image_ct = None
     if keep_image is not None:
         # Only when the image itself is differentiated: the transpose of the gathers, a
-        # scatter-add, derived by autodiff of the plain sampler.
+        # scatter-add.
         image, coords = keep_image
-        _, pullback = jax.vjp(lambda im: _sample_linear(im, coords, mode)[0], image)
-        (image_ct,) = pullback(cotangent.astype(image.dtype))
+        image_ct = _scatter_corners(image, coords, mode, cotangent)
     return image_ct, coords_ct
 
 
@@ -204,11 +291,13 @@ def _sample_nearest(image: jnp.ndarray, coords: Coords, mode: str) -> jnp.ndarra
     return jax.vmap(lambda s, f: s.at[f].get(mode="promise_in_bounds"))(padded, flat)
 
 
-def _sample(image: jnp.ndarray, coords: Coords, order: int, mode: str) -> jnp.ndarray:
+def _sample(
+    image: jnp.ndarray, coords: Coords, order: int, mode: str, index_once: bool = False
+) -> jnp.ndarray:
     if order == 1:
         compute = jnp.promote_types(image.dtype, jnp.float32)
         coords = tuple(c.astype(jnp.promote_types(c.dtype, jnp.float32)) for c in coords)
-        out = _sample_linear_fast(image.astype(compute), coords, mode)
+        out = _sample_linear_fast(image.astype(compute), coords, mode, index_once)
         return out.astype(image.dtype) if jnp.issubdtype(image.dtype, jnp.floating) else out
     return _sample_nearest(image, coords, mode)
 
@@ -218,21 +307,30 @@ def sample(
     coords: jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray],
     order: int = 1,
     mode: str = "constant",
+    index_once: bool = False,
 ) -> jnp.ndarray:
     """Sample image (B, D, H, W, C) at voxel coordinates coords (B, N, 3): (B, N, C).
 
     The low-level reader behind ``warp``; coordinates are absolute (not displacements).
     ``coords`` may also be its three components, (B, N) each (computed one axis at a time, they
     need no stacking: on XLA:CPU arithmetic over a size-3 minor axis is slow).
+    ``index_once`` (linear only): compute each point's cell once for its 8 corner reads, where
+    the coordinates are expensive to recompute (``_computed_once``: on XLA:CPU a resized field's
+    coordinates were recomputed per corner).
     """
     if not isinstance(coords, tuple):
         coords = tuple(coords[..., axis] for axis in range(3))
-    return _sample(image, coords, order, mode)
+    return _sample(image, coords, order, mode, index_once)
 
 
-@functools.partial(jax.jit, static_argnames=("order", "mode"))
+@functools.partial(jax.jit, static_argnames=("order", "mode", "index_once"))
 def warp(
-    image: jnp.ndarray, ddf: jnp.ndarray, order: int = 1, mode: str = "constant"
+    image: jnp.ndarray,
+    ddf: jnp.ndarray,
+    order: int = 1,
+    mode: str = "constant",
+    *,
+    index_once: bool = False,
 ) -> jnp.ndarray:
     """Warp an image by a dense displacement field: ``warped(p) = image(p + ddf(p))``.
 
@@ -242,6 +340,7 @@ def warp(
       ddf: (..., D, H, W, 3) displacements in voxels; component k moves along array axis k.
       order: 1 for trilinear interpolation, 0 for nearest neighbour (label maps; no gradient).
       mode: "constant" reads zero outside the volume; "border" repeats the edge value.
+      index_once: see ``sample`` (for a ddf computed in the same program, e.g. resized).
 
     Returns:
       (..., D, H, W, C) on the ddf's grid, in the image's dtype.
@@ -263,7 +362,7 @@ def warp(
         ).reshape(batch, -1)
         for axis in range(3)
     )
-    samples = _sample(image_b, coords, order, mode)
+    samples = _sample(image_b, coords, order, mode, index_once)
     return samples.reshape(lead + image_b.shape[1:])
 
 

@@ -21,7 +21,7 @@ from adreg_jax import ops
 from adreg_jax.ops.resample import resize_linear
 from adreg_jax.registration import programs
 from adreg_jax.registration.levels import level_shape
-from adreg_jax.registration.similarity import SIMILARITIES, similarity_fn
+from adreg_jax.registration.similarity import SIMILARITIES, fixed_statistics, similarity_fn
 
 __all__ = ["SIMILARITIES", "instance_optimise", "optimise_velocity", "similarity_fn"]
 
@@ -87,14 +87,15 @@ def _level_step(
     sim = similarity_fn(similarity)
     optimizer = lazy_adam(learning_rate)
 
-    def loss_fn(velocity, fixed, moving, grid_spacing, masks):
+    def loss_fn(velocity, fixed, moving, grid_spacing, masks, stats):
         ddf = ops.integrate_velocity(velocity, integration_steps)
         ddf = ops.resize_ddf(ddf, fixed.shape[1:4])
         weight = None
+        # index_once: the resized field's points are computed once, not in each corner read
         if masks is not None:
             fixed_mask, moving_mask = masks
-            weight = fixed_mask * ops.warp(moving_mask, ddf)
-        similarity_value = sim(ops.warp(moving, ddf), fixed, weight)
+            weight = fixed_mask * ops.warp(moving_mask, ddf, index_once=True)
+        similarity_value = sim(ops.warp(moving, ddf, index_once=True), fixed, weight, stats)
         return -similarity_value + smooth_weight * smoothness_mm(velocity, grid_spacing)
 
     # The images are arguments, not closed-over constants: as constants XLA folds the fixed
@@ -102,8 +103,10 @@ def _level_step(
     options = (similarity, smooth_weight, integration_steps, learning_rate)
 
     @programs.jit(key=options)
-    def step(velocity, opt_state, fixed, moving, grid_spacing, masks):
-        loss, grad = jax.value_and_grad(loss_fn)(velocity, fixed, moving, grid_spacing, masks)
+    def step(velocity, opt_state, fixed, moving, grid_spacing, masks, stats):
+        loss, grad = jax.value_and_grad(loss_fn)(
+            velocity, fixed, moving, grid_spacing, masks, stats
+        )
         updates, opt_state = optimizer().update(grad, opt_state, velocity)
         return apply_updates(velocity, updates), opt_state, loss
 
@@ -117,7 +120,9 @@ def _level_step(
             velocity = jnp.zeros((1, *grid_shape, 3), jnp.float32)
         else:
             velocity = ops.resize_ddf(velocity.astype(jnp.float32), grid_shape)
-        return fixed_l, moving_l, masks_l, velocity, optimizer().init(velocity)
+        # what the similarity reuses of the fixed image at every step of the level
+        stats = fixed_statistics(similarity, fixed_l)
+        return fixed_l, moving_l, masks_l, velocity, optimizer().init(velocity), stats
 
     return optimizer, step, start
 
@@ -183,12 +188,12 @@ def optimise_velocity(
         _, step, start = _level_step(
             similarity, float(smooth_weight), int(integration_steps), float(learning_rate)
         )
-        fixed_l, moving_l, masks_l, velocity, opt_state = start(
+        fixed_l, moving_l, masks_l, velocity, opt_state, stats = start(
             fixed, moving, masks, velocity, tuple(image_shape), tuple(grid_shape)
         )
         for _ in range(level_steps):
             velocity, opt_state, loss = step(
-                velocity, opt_state, fixed_l, moving_l, grid_spacing, masks_l
+                velocity, opt_state, fixed_l, moving_l, grid_spacing, masks_l, stats
             )
             bar.update(1)
         if progress:

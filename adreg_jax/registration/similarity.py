@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from adreg_jax import ops
+from adreg_jax.ops.similarity import box_sum
 
 SIMILARITIES = ("ncc", "mi")
 NCC_WINDOW = 5
@@ -33,21 +34,52 @@ def global_correlation(a, b, weight=None):
     return covariance / jnp.sqrt(jnp.sum(weight * da * da) * jnp.sum(weight * db * db) + 1e-8)
 
 
+def fixed_statistics(name: str, fixed):
+    """What ``similarity_fn(name)`` can reuse of the fixed image between calls (pass it as
+    ``stats``): for ``ncc`` its local sums and variances (2 of the 5 box sums of every call),
+    for ``mi`` nothing (None). The deformable stage computes them once per level."""
+    if name != "ncc":
+        return None
+    b = fixed.astype(jnp.float32)
+    n = float(NCC_WINDOW**3)
+    sb = box_sum(b, NCC_WINDOW)
+    return sb, box_sum(b * b, NCC_WINDOW) - sb * sb / n
+
+
+def _ncc_map_with_stats(a, b, stats, eps: float = 1e-5):
+    """``ops.ncc_local_map(a, b, NCC_WINDOW)`` with b's box sums ``stats``
+    (``fixed_statistics``): the same formula."""
+    n = float(NCC_WINDOW**3)
+    sb, var_b = stats
+    a = a.astype(jnp.float32)
+    b = b.astype(jnp.float32)
+    sa, saa, sab = (box_sum(x, NCC_WINDOW) for x in (a, a * a, a * b))
+    cross = sab - sa * sb / n
+    var_a = saa - sa * sa / n
+    return cross * cross / (var_a * var_b + eps)
+
+
 def similarity_fn(name: str):
-    """``f(warped, fixed, weight=None) -> scalar``, higher is better; images (1, D, H, W, 1),
-    ``weight`` (1, D, H, W, 1) in [0, 1] or None (every voxel counts)."""
+    """``f(warped, fixed, weight=None, stats=None) -> scalar``, higher is better; images
+    (1, D, H, W, 1), ``weight`` (1, D, H, W, 1) in [0, 1] or None (every voxel counts),
+    ``stats``: ``fixed_statistics(name, fixed)`` or None (computed in the call)."""
     if name == "ncc":
 
-        def ncc(a, b, weight=None):
-            if weight is None:
+        def ncc(a, b, weight=None, stats=None):
+            if stats is not None:
+                cc = _ncc_map_with_stats(a, b, stats)
+            elif weight is None:
                 return jnp.mean(ops.ncc_local(a, b, window=NCC_WINDOW))
-            cc = ops.ncc_local_map(a, b, window=NCC_WINDOW)
+            else:
+                cc = ops.ncc_local_map(a, b, window=NCC_WINDOW)
+            if weight is None:
+                return jnp.mean(cc)
             return jnp.sum(cc * weight) / jnp.maximum(jnp.sum(weight), 1e-6)
 
         return ncc
     if name == "mi":
 
-        def mi(a, b, weight=None):
+        def mi(a, b, weight=None, stats=None):
             return jnp.mean(ops.mutual_information(a, b, MI_BINS, MI_SIGMA_RATIO, weight=weight))
 
         return mi
