@@ -315,59 +315,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         for key, value in values.items():
             writer.add_scalar(key, value, step)
 
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    started = time.perf_counter()
-    step = start
-    while step < steps:
-        batch = shard_batch(next(train_iter), mesh)
-        state, metrics = train_step(state, batch, jax.random.fold_in(rng, step))
-        metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-        step += 1
-        if not math.isfinite(metrics["train/loss"]):
-            raise FloatingPointError(
-                f"non-finite training loss {metrics['train/loss']} at step {step}; the last good "
-                f"checkpoint (step {manager.latest_step()}) in {workdir / 'checkpoints'} is intact"
-            )
-        last.update(metrics)
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-        if step % int(config.train.log_every) == 0 or step == steps:
-            rate = (step - start) / max(time.perf_counter() - started, 1e-9)
-            log(step, {**metrics, "steps_per_s": rate})
-        at_eval = step % int(config.train.eval_every) == 0 or step == steps
-        at_save = at_eval or step % int(config.train.checkpoint_every) == 0
-        val = None
-        if at_eval:
-            val = evaluate(eval_step, state.params, val_data, mesh)
-            log(step, val)
-            last.update(val)
-            bar.write(" ".join(f"{k}={v:.4f}" for k, v in sorted(val.items())) + f" (step {step})")
-            if best_metric in val:
-                value = sign * val[best_metric]
-                if progress["best"] is None or value > progress["best"]:
-                    progress["best"], progress["since_best"] = value, 0
-                else:
-                    progress["since_best"] += 1
-        if at_save:
-            progress["iterator"] = train_iter.get_state()
-            manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(_state_tree(state)),
-                    progress=ocp.args.JsonSave(progress),
-                ),
-                metrics=val if val and best_metric in val else None,
-            )
-        if patience > 0 and progress["since_best"] >= patience:
-            bar.write(
-                f"early stopping at step {step}: {best_metric} has not improved for "
-                f"{patience} validations"
-            )
-            stopped_early = True
-            break
-    bar.close()
-    manager.wait_until_finished()
-    writer.close()
+    try:
+        bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        started = time.perf_counter()
+        step = start
+        while step < steps:
+            batch = shard_batch(next(train_iter), mesh)
+            state, metrics = train_step(state, batch, jax.random.fold_in(rng, step))
+            metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+            step += 1
+            if not math.isfinite(metrics["train/loss"]):
+                raise FloatingPointError(
+                    f"non-finite training loss {metrics['train/loss']} at step {step}; the last "
+                    f"good checkpoint (step {manager.latest_step()}) in "
+                    f"{workdir / 'checkpoints'} is intact"
+                )
+            last.update(metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+            if step % int(config.train.log_every) == 0 or step == steps:
+                rate = (step - start) / max(time.perf_counter() - started, 1e-9)
+                log(step, {**metrics, "steps_per_s": rate})
+            at_eval = step % int(config.train.eval_every) == 0 or step == steps
+            at_save = at_eval or step % int(config.train.checkpoint_every) == 0
+            val = None
+            if at_eval:
+                val = evaluate(eval_step, state.params, val_data, mesh)
+                log(step, val)
+                last.update(val)
+                shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(val.items()))
+                bar.write(f"{shown} (step {step})")
+                if best_metric in val:
+                    value = sign * val[best_metric]
+                    if progress["best"] is None or value > progress["best"]:
+                        progress["best"], progress["since_best"] = value, 0
+                    else:
+                        progress["since_best"] += 1
+            if at_save:
+                progress["iterator"] = train_iter.get_state()
+                manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(_state_tree(state)),
+                        progress=ocp.args.JsonSave(progress),
+                    ),
+                    metrics=val if val and best_metric in val else None,
+                )
+            if patience > 0 and progress["since_best"] >= patience:
+                bar.write(
+                    f"early stopping at step {step}: {best_metric} has not improved for "
+                    f"{patience} validations"
+                )
+                stopped_early = True
+                break
+        bar.close()
+        manager.wait_until_finished()
+    finally:  # also when the run fails: an open writer errs at interpreter exit
+        writer.close()
     summary = {k: v for k, v in last.items() if k.startswith("val/")}
     parts = [f"done: step {step}/{steps}" + (" (early stop)" if stopped_early else "")]
     parts += [f"{k}={v:.4f}" for k, v in sorted(summary.items())]
