@@ -123,10 +123,12 @@ def _affine_step(similarity: str, learning_rate: float):
     def loss_fn(p, fixed, moving, masks):
         ddf = affine_ddf(p["matrix"], p["translation"], fixed.shape[1:4])
         weight = None
+        # index_once: the points, computed from the matrix, once per point rather than in each
+        # of the 8 corner reads (a 1 mm brain pair's affine stage 0.64 -> 0.44 s, same map)
         if masks is not None:  # inside the fixed mask, mapped inside the moving one
             fixed_mask, moving_mask = masks
-            weight = fixed_mask * ops.warp(moving_mask, ddf)
-        return -sim(ops.warp(moving, ddf), fixed, weight)
+            weight = fixed_mask * ops.warp(moving_mask, ddf, index_once=True)
+        return -sim(ops.warp(moving, ddf, index_once=True), fixed, weight)
 
     @programs.jit(key=(similarity, learning_rate))
     def step(p, state, fixed, moving, masks):
