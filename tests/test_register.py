@@ -156,10 +156,10 @@ def test_levels_shrink_fine_axes_first_and_stop_by_cost_and_motion():
     assert levels.level_shape((384, 384, 19), (8, 8, 1)) == (48, 48, 19)
     np.testing.assert_allclose(levels.level_spacing((384, 384, 19), (0.5, 0.5, 3.0), (8, 8, 1)),
                                (4.0, 4.0, 3.0))  # fmt: skip
-    # steps by a level's cost: 60 while cheap, fewer on larger levels, never below 8
+    # steps by a level's cost: 60 while cheap, fewer on larger levels, never below 20
     assert levels.default_steps([8_512, 69_888]) == (60, 60)
-    assert levels.default_steps([107_520, 860_160]) == (47, 8)
-    assert levels.default_steps([100_000_000]) == (8,)
+    assert levels.default_steps([107_520, 860_160]) == (47, 20)
+    assert levels.default_steps([100_000_000]) == (20,)
     # CT: a larger budget (the DIR-Lab-sized phantom's levels get 60 and 20, not 35 and 8)
     assert levels.default_steps([143_360, 1_146_880], "ct") == (60, 20)
     assert levels.default_steps([8_512, 69_888], "ct") == (60, 60)

@@ -162,7 +162,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="Adam steps of the instance optimisation, one number for every level or one per "
         "level (0: network prediction, or affine, only; default: by each level's cost, "
-        "registration.levels.default_steps: 60 on levels up to 83 k voxels, 8 on a level of "
+        "registration.levels.default_steps: 60 on levels up to 83 k voxels, 20 on a level of "
         "a million; for CT 60 up to 383 k voxels, 20 on a level of a million)",
     )
     parser.add_argument(

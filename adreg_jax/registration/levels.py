@@ -28,14 +28,17 @@ the finest), for the small lung CT at 2.7 x 2.7 x 5 mm (4, 4, 2), (2, 2, 1).
 
 Steps (``default_steps``): a level's Adam step costs about its voxel count, so each level gets
 ``STEP_VOXEL_BUDGET / voxels`` steps, between ``MIN_STEPS`` and ``MAX_STEPS``: cheap levels (every
-level of a small scan) run 60, a 1 mm brain's 1/4 level 37-47 and its 1/2 level 8 (measured,
-Dice against the steps of the two levels: 1 mm brains 0.738 / 0.767 with 60 and 20, 0.733 /
-0.760 with these; the small lung CT 0.73 mm TRE with 40 at its (2, 2, 1) level, 0.71 mm with
-60). CT has ``CT_STEP_VOXEL_BUDGET``, 4.6 times as much: a DIR-Lab-sized CT's levels get 60 and
-20 steps (its TRE 0.675 mm with 35 and 8, 0.494 mm with 60 and 20, after issue 12's
-full-grid squarings). The affine stage's steps follow the same rule
-(``affine_steps``): 100 at its coarsest level, where it finds the map, and where a step is
-cheap; fewer on a finer level of a million voxels.
+level of a small scan) run 60, a 1 mm brain's 1/4 level 37-47 and its 1/2 level 20, the least
+(measured, Dice of mni_to_scan / scan_to_mni of ``benchmarks/real_scans.py`` against the steps of
+the two levels, ``--instance-steps``: 0.7302 / 0.7580 with 47|37 and 8, the defaults before;
+0.7372 / 0.7669 with 60 and 16; 0.7381 / 0.7675 with 47|37 and 20, these; 0.7382 / 0.7682 with
+60 and 20: the fine level's steps count, the coarse level's barely; a higher learning rate
+instead, 0.2 with 47|37 and 14, gave 0.7373 / 0.7675 and folded voxels; the small lung CT 0.73 mm
+TRE with 40 at its (2, 2, 1) level, 0.71 mm with 60). CT has ``CT_STEP_VOXEL_BUDGET``, 4.6 times
+as much: a DIR-Lab-sized CT's levels get 60 and 20 steps (its TRE 0.675 mm with 35 and 8,
+0.494 mm with 60 and 20, after issue 12's full-grid squarings). The affine stage's steps follow
+the same rule (``affine_steps``): 100 at its coarsest level, where it finds the map, and where a
+step is cheap; fewer on a finer level of a million voxels.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ AFFINE_COARSE_MM = 8.0
 # more (see default_steps)
 STEP_VOXEL_BUDGET = 5_000_000
 CT_STEP_VOXEL_BUDGET = 23_000_000
-MIN_STEPS, MAX_STEPS = 8, 60
+# (20 at the least: the fine level of a 1 mm brain, 0.85-1.1 M voxels, about 0.09 s a step)
+MIN_STEPS, MAX_STEPS = 20, 60
 # the affine stage's: AFFINE_STEP_VOXEL_BUDGET / voxels, at most AFFINE_MAX_STEPS
 AFFINE_STEP_VOXEL_BUDGET = 4_000_000
 AFFINE_MIN_STEPS, AFFINE_MAX_STEPS = 20, 100
