@@ -34,13 +34,13 @@ from adreg_jax.data.nifti import PAIR_KEYS, read_pair_list
 from adreg_jax.registration.pipeline import Loaded, check_options, load_scan, register_pair
 
 TABLE = "metrics.csv"
-# Pairs in flight per device: two let one pair's host work (gzip, matplotlib) overlap another's
-# optimisation. Ten 1 mm brain pairs on the idle 2-core CPU (benchmarks/registration_outputs.py
-# --parts cohort): 51.7 s with two, 55.3 s with one, 72.3 s as ten commands; after issue 14's
-# third time round (20 steps at the finest level, load average 1-3): 58.9 s with two, 65.1 s with
-# one, 84.8 s as ten commands. (On a machine loaded by other jobs two measured slower, 458 s
-# against 433 s.) They hold twice the volumes.
-WORKERS_PER_DEVICE = 2
+# Pairs in flight per device: more than one lets one pair's host work (gzip, matplotlib) overlap
+# another's optimisation. Ten 1 mm brain pairs on the 2-core CPU (benchmarks/registration_outputs.py
+# --parts cohort, 20 steps at the finest level): 57.8 s with three, 58.9 s with two, 63.5-65.1 s
+# with one, 84.8 s as ten commands; four: 58.4-58.8 s where three took 56.9-57.5 s. (On a machine
+# loaded by other jobs, two once measured slower than one, 458 s against 433 s.) Each holds its
+# pair's volumes.
+WORKERS_PER_DEVICE = 3
 
 
 def _stem(path: str) -> str:
