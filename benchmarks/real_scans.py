@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -627,6 +628,9 @@ def main(argv=None) -> int:
     (out / "real_scans.md").write_text(table + "\n")
     print(table)
     print(f"wrote {out}/real_scans.md and real_scans.json")
+    if not args.out:  # the temporary folder keeps the table only (the outputs: gigabytes)
+        for folder in (p for p in out.iterdir() if p.is_dir()):
+            shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

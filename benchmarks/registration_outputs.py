@@ -332,8 +332,9 @@ def main(argv=None) -> int:
         results["cohort"] = cohort(work / "cohort_inputs", cache)
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(f"results: {work / 'results.json'}")
-    if not args.out:
-        shutil.rmtree(work / "itk", ignore_errors=True)
+    if not args.out:  # the temporary folder keeps results.json only (the rest: gigabytes)
+        for folder in (p for p in work.iterdir() if p.is_dir()):
+            shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
