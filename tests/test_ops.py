@@ -394,3 +394,13 @@ def test_tre_with_zero_field_reproduces_published_dirlab_before(case):
         jnp.asarray(t00), jnp.asarray(t50), jnp.zeros((*shape, 3)), (2.5, inplane, inplane)
     )
     assert float(jnp.mean(errors)) == pytest.approx(published, abs=0.01)
+
+
+def test_ncc_with_the_references_sums_given_is_the_same_map():
+    rng = np.random.default_rng(3)
+    a, b = (jnp.asarray(rng.random((1, 9, 10, 11, 1)), jnp.float32) for _ in range(2))
+    stats = ops.ncc_reference_stats(b, 5)
+    given = ops.ncc_local_map(a, b, 5, b_stats=stats)
+    np.testing.assert_array_equal(np.asarray(given), np.asarray(ops.ncc_local_map(a, b, 5)))
+    with pytest.raises(ValueError, match="odd"):
+        ops.ncc_reference_stats(b, 4)

@@ -30,6 +30,7 @@ from adreg_jax.ops.similarity import (
     ncc_local,
     ncc_local_map,
     ncc_local_maps,
+    ncc_reference_stats,
     ssim,
 )
 
@@ -50,6 +51,7 @@ __all__ = [
     "ncc_local",
     "ncc_local_map",
     "ncc_local_maps",
+    "ncc_reference_stats",
     "negative_jacobian_penalty",
     "resize_ddf",
     "sample",

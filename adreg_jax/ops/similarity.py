@@ -74,25 +74,45 @@ def box_sum(x: jnp.ndarray, window: int) -> jnp.ndarray:
 
 
 def ncc_local_map(
-    a: jnp.ndarray, b: jnp.ndarray, window: int = 9, eps: float = 1e-5
+    a: jnp.ndarray,
+    b: jnp.ndarray,
+    window: int = 9,
+    eps: float = 1e-5,
+    b_stats: tuple[jnp.ndarray, jnp.ndarray] | None = None,
 ) -> jnp.ndarray:
-    """The voxel-wise local NCC map (..., D, H, W, C) whose mean is ``ncc_local``."""
-    return ncc_local_maps((a,), b, window, eps)[0]
+    """The voxel-wise local NCC map (..., D, H, W, C) whose mean is ``ncc_local``
+    (``b_stats``: ``ncc_reference_stats(b, window)``, when b's are reused between calls)."""
+    return ncc_local_maps((a,), b, window, eps, b_stats)[0]
+
+
+def ncc_reference_stats(b: jnp.ndarray, window: int = 9) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The reference image's share of local NCC, (S(b), S(b^2) - S(b)^2 / n): 2 of the 5 box
+    sums, the same for every image compared with b (a registration's fixed image, step after
+    step)."""
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be a positive odd integer; got {window}")
+    b = b.astype(jnp.float32)
+    # Separate box sums: stacked on the channel axis they ran 2-4x slower on CPU (a small minor
+    # axis that XLA's loops do not vectorise).
+    sb = box_sum(b, window)
+    return sb, box_sum(b * b, window) - sb * sb / float(window**3)
 
 
 def ncc_local_maps(
-    images: Sequence[jnp.ndarray], b: jnp.ndarray, window: int = 9, eps: float = 1e-5
+    images: Sequence[jnp.ndarray],
+    b: jnp.ndarray,
+    window: int = 9,
+    eps: float = 1e-5,
+    b_stats: tuple[jnp.ndarray, jnp.ndarray] | None = None,
 ) -> list[jnp.ndarray]:
     """``ncc_local_map(a, b)`` of each ``a`` in ``images``, with b's box sums computed once
-    (several images against one reference: a registration's before and after)."""
+    (several images against one reference: a registration's before and after), or given
+    (``b_stats``: ``ncc_reference_stats(b, window)``)."""
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window must be a positive odd integer; got {window}")
     n = float(window**3)
     b = b.astype(jnp.float32)
-    # Separate box sums: stacked on the channel axis they ran 2-4x slower on CPU (a small minor
-    # axis that XLA's loops do not vectorise).
-    sb, sbb = box_sum(b, window), box_sum(b * b, window)
-    var_b = sbb - sb * sb / n
+    sb, var_b = ncc_reference_stats(b, window) if b_stats is None else b_stats
     maps = []
     for a in images:
         check_same_shape(a, b, ("a", "b"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from adreg_jax import ops
-from adreg_jax.ops.similarity import box_sum
 
 SIMILARITIES = ("ncc", "mi")
 NCC_WINDOW = 5
@@ -36,27 +35,10 @@ def global_correlation(a, b, weight=None):
 
 def fixed_statistics(name: str, fixed):
     """What ``similarity_fn(name)`` can reuse of the fixed image between calls (pass it as
-    ``stats``): for ``ncc`` its local sums and variances (2 of the 5 box sums of every call),
-    for ``mi`` nothing (None). The deformable stage computes them once per level."""
-    if name != "ncc":
-        return None
-    b = fixed.astype(jnp.float32)
-    n = float(NCC_WINDOW**3)
-    sb = box_sum(b, NCC_WINDOW)
-    return sb, box_sum(b * b, NCC_WINDOW) - sb * sb / n
-
-
-def _ncc_map_with_stats(a, b, stats, eps: float = 1e-5):
-    """``ops.ncc_local_map(a, b, NCC_WINDOW)`` with b's box sums ``stats``
-    (``fixed_statistics``): the same formula."""
-    n = float(NCC_WINDOW**3)
-    sb, var_b = stats
-    a = a.astype(jnp.float32)
-    b = b.astype(jnp.float32)
-    sa, saa, sab = (box_sum(x, NCC_WINDOW) for x in (a, a * a, a * b))
-    cross = sab - sa * sb / n
-    var_a = saa - sa * sa / n
-    return cross * cross / (var_a * var_b + eps)
+    ``stats``): for ``ncc`` its local sums and variances (``ops.ncc_reference_stats``, 2 of the 5
+    box sums of every call), for ``mi`` nothing (None). The deformable stage computes them once
+    per level."""
+    return ops.ncc_reference_stats(fixed, NCC_WINDOW) if name == "ncc" else None
 
 
 def similarity_fn(name: str):
@@ -66,12 +48,9 @@ def similarity_fn(name: str):
     if name == "ncc":
 
         def ncc(a, b, weight=None, stats=None):
-            if stats is not None:
-                cc = _ncc_map_with_stats(a, b, stats)
-            elif weight is None:
+            if weight is None and stats is None:
                 return jnp.mean(ops.ncc_local(a, b, window=NCC_WINDOW))
-            else:
-                cc = ops.ncc_local_map(a, b, window=NCC_WINDOW)
+            cc = ops.ncc_local_map(a, b, window=NCC_WINDOW, b_stats=stats)
             if weight is None:
                 return jnp.mean(cc)
             return jnp.sum(cc * weight) / jnp.maximum(jnp.sum(weight), 1e-6)
