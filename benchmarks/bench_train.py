@@ -43,7 +43,7 @@ def run_variant(config_name: str, overrides: dict, dataset: str, steps: int, dty
     import jax
 
     from adreg_jax import training
-    from adreg_jax.data import make_iterator
+    from adreg_jax.data import dataset_labels, make_iterator
     from adreg_jax.models import build_model
 
     config = importlib.import_module(f"configs.{config_name}").get_config()
@@ -56,7 +56,7 @@ def run_variant(config_name: str, overrides: dict, dataset: str, steps: int, dty
     batches = make_iterator(config.data, "train", config.seed)
     batch = next(batches)
     state = training.create_train_state(config, model, batch)
-    step = training.make_train_step(model, config.loss)
+    step = training.make_train_step(model, config.loss, dataset_labels(config.data))
     start = time.perf_counter()
     state, metrics = step(state, batch, jax.random.key(0))
     jax.block_until_ready(metrics)
