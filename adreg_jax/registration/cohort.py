@@ -36,10 +36,9 @@ from adreg_jax.registration.pipeline import Loaded, check_options, load_scan, re
 TABLE = "metrics.csv"
 # Pairs in flight per device: more than one lets one pair's host work (gzip, matplotlib) overlap
 # another's optimisation. Ten 1 mm brain pairs on the 2-core CPU (benchmarks/registration_outputs.py
-# --parts cohort, 20 steps at the finest level): 57.8 s with three, 58.9 s with two, 63.5-65.1 s
-# with one, 84.8 s as ten commands; four: 58.4-58.8 s where three took 56.9-57.5 s. (On a machine
-# loaded by other jobs, two once measured slower than one, 458 s against 433 s.) Each holds its
-# pair's volumes.
+# --parts cohort, the console script as users run it): 43.1-44.8 s with three, 49.4-51.2 s with
+# one, 69.5-70.4 s as ten commands. Measured earlier without the console script's malloc tuning:
+# three 56.9-57.8 s, two 58.9-60.2 s, four 58.4-58.8 s. Each holds its pair's volumes.
 WORKERS_PER_DEVICE = 3
 
 
