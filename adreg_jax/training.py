@@ -11,8 +11,8 @@ the state replicated, so the same code runs on one CPU or several accelerators. 
 ``fold_in(key(seed), step)``: a resumed run is the same run.
 
 Workdir layout: ``config.json`` (the resolved config), ``checkpoints/`` (Orbax: train state and
-data-iterator state; the latest and the best ``keep_best`` by ``train.best_metric`` are kept),
-``metrics.jsonl`` (one JSON object per log or validation), ``tensorboard/``.
+the data stream's position; the latest and the best ``keep_best`` by ``train.best_metric`` are
+kept), ``metrics.jsonl`` (one JSON object per log or validation), ``tensorboard/``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers
 
 from adreg_jax import ops
-from adreg_jax.data import build_dataset, dataset_labels, make_iterator
+from adreg_jax.data import batched_dataset, build_dataset, dataset_labels, make_iterator
 from adreg_jax.losses import field_error, mean_tre, registration_loss
 from adreg_jax.models import build_model
 
@@ -206,13 +206,21 @@ def _restore(manager, step: int, state: TrainState) -> tuple[TrainState, dict[st
     return state, restored["progress"]
 
 
+# data fields that change how fast batches come, not which: a run resumes with other values
+_SPEED_ONLY = ("num_workers", "prefetch")
+
+
 def _check_workdir(workdir: Path, config) -> None:
-    """Refuse a workdir that holds another config's run, unless train.overwrite is set."""
+    """Refuse a workdir that holds another config's run, unless train.overwrite is set (the
+    model, data and loss sections must match, but for ``_SPEED_ONLY`` data fields)."""
     saved = workdir / "config.json"
     if not saved.exists():
         return
     previous = json.loads(saved.read_text())
     current = json.loads(config.to_json_best_effort())
+    for run in (previous, current):
+        for field in _SPEED_ONLY:
+            run.get("data", {}).pop(field, None)
     differs = [s for s in ("model", "data", "loss") if previous.get(s) != current.get(s)]
     if not differs:
         return
@@ -282,19 +290,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     mesh = data_mesh()
     model = build_model(config.model)
-    train_iter = make_iterator(config.data, "train", config.seed)
     val_data = build_dataset(config.data, "val", config.seed)
-    progress = {"iterator": train_iter.get_state(), "best": None, "since_best": 0}
-    state = create_train_state(config, model, next(train_iter))  # a batch only for the shapes
-    train_iter.set_state(progress["iterator"])
+    # the first batch, read here, only for the shapes
+    state = create_train_state(config, model, batched_dataset(config.data, "train", config.seed)[0])
+    progress = {"batches_read": 0, "best": None, "since_best": 0}
     manager = _checkpoint_manager(workdir, config.train)
 
     start = manager.latest_step()
     if start is not None:
         state, progress = _restore(manager, start, state)
-        train_iter.set_state(progress["iterator"])
         print(f"resuming from step {start} ({workdir / 'checkpoints'})")
     start = int(state.step)
+    # one batch per step (checkpoints written before 2026-11-28 hold Grain's iterator state
+    # instead, which was at the same batch)
+    train_iter = make_iterator(
+        config.data, "train", config.seed, start=progress.pop("batches_read", start)
+    )
+    progress.pop("iterator", None)
     state = replicate(state, mesh)
 
     train_step = make_train_step(model, config.loss, dataset_labels(config.data))
@@ -352,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     else:
                         progress["since_best"] += 1
             if at_save:
-                progress["iterator"] = train_iter.get_state()
+                progress["batches_read"] = step
                 manager.save(
                     step,
                     args=ocp.args.Composite(

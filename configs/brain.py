@@ -57,7 +57,7 @@ def get_config():
     # about 6 mm (adreg-register resamples to this many voxels and back); a step costs a third
     # of one at 4 mm (48x56x48), which this CPU could not train far enough
     config.data.image_size = (32, 40, 32)
-    config.data.num_workers = 2  # as in the shipped run (a workdir resumes only with the same)
+    config.data.num_workers = 2  # as in the shipped run (any count reads the same batches)
     config.data.val_size = 4
     config.data.test_size = 16
     # both images in the atlas's own T1 contrast (see the docstring)

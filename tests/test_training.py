@@ -132,10 +132,16 @@ def get_config():
 """
 
 
-def run_train(config_file: Path, workdir: Path, **kwargs) -> subprocess.Popen:
+def run_train(config_file: Path, workdir: Path, *overrides: str, **kwargs) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), f"--config={config_file}", f"--workdir={workdir}"],
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"--config={config_file}",
+            f"--workdir={workdir}",
+            *overrides,
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -164,7 +170,8 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     wait_for(tmp_path / "killed" / "checkpoints" / "2", killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    resumed = run_train(config_file, tmp_path / "killed")
+    # resumed with a Grain worker process where the killed run read in-process: the same batches
+    resumed = run_train(config_file, tmp_path / "killed", "--config.data.num_workers=1")
     resumed_log = resumed.communicate(timeout=300)[0]
     reference_log = reference.communicate(timeout=300)[0]
     assert resumed.returncode == 0, resumed_log[-2000:]
@@ -176,6 +183,17 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
     lines = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").open()]
     assert any("val/dice" in line for line in lines)
+
+    # the resumed steps read the batches the uninterrupted run read (each step's loss is its own)
+    def losses(workdir):  # the last logged value per step: the resumed run's
+        logged = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+        return {line["step"]: line["train/loss"] for line in logged if "train/loss" in line}
+
+    resumed_losses, reference_losses = losses(tmp_path / "killed"), losses(tmp_path / "reference")
+    assert sorted(resumed_losses) == sorted(reference_losses) == [1, 2, 3, 4]
+    np.testing.assert_allclose(
+        [resumed_losses[s] for s in (3, 4)], [reference_losses[s] for s in (3, 4)], rtol=1e-5
+    )
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):
@@ -191,21 +209,15 @@ def test_non_finite_loss_stops_the_run_with_a_clear_error(tmp_path, monkeypatch)
     real_make_iterator = training.make_iterator
 
     class PoisonedIterator:
-        """The real stream with NaN images, keeping the checkpointable state."""
+        """The real stream with NaN images."""
 
-        def __init__(self, *args):
-            self.inner = real_make_iterator(*args)
+        def __init__(self, *args, **kwargs):
+            self.inner = real_make_iterator(*args, **kwargs)
 
         def __next__(self):
             batch = dict(next(self.inner))
             batch["fixed"] = batch["fixed"] * np.nan
             return batch
-
-        def get_state(self):
-            return self.inner.get_state()
-
-        def set_state(self, state):
-            self.inner.set_state(state)
 
     monkeypatch.setattr(training, "make_iterator", PoisonedIterator)
     config = tiny_config()

@@ -29,6 +29,7 @@ _SOURCES = {
     "load_nifti": "nifti",
     "read_pair_list": "nifti",
     "save_nifti": "nifti",
+    "batched_dataset": "pipeline",
     "build_dataset": "pipeline",
     "build_source": "pipeline",
     "dataset_labels": "pipeline",

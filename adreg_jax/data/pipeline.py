@@ -2,7 +2,10 @@
 
 Where this sits: loaders (generated.py, dirlab.py) -> **pipeline** -> training step. Elements are
 dicts per the batch-dict contract of docs/architecture.md without the batch axis; batches add it.
-The iterator's ``get_state()`` / ``set_state()`` is what a checkpoint saves to resume exactly.
+Batch ``i`` of a stream is a pure function of (config, seed, i): the pipeline stays a Grain
+``MapDataset`` up to the batches, so a resumed run starts its stream at the batch it stopped at
+(``make_iterator(..., start=step)``) and reads exactly what the uninterrupted run would have,
+whatever its number of worker processes (Grain's own iterator state depends on it).
 """
 
 from __future__ import annotations
@@ -250,17 +253,18 @@ def augment(element: dict, rng: np.random.Generator, flip: bool, intensity: floa
     return element
 
 
-def make_iterator(
+def batched_dataset(
     data: ml_collections.ConfigDict,
     split: str,
     seed: int,
     shuffle: bool | None = None,
     repeat: bool | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Iterator of batched numpy dicts (leading axis ``data.batch_size``).
+) -> grain.MapDataset:
+    """The stream as a random-access data set of batches (leading axis ``data.batch_size``):
+    element ``i`` is batch ``i``.
 
     Train: shuffled, repeated forever, augmented. Val/test: fixed order, one pass, the last
-    batch kept even if short. The returned grain iterator has ``get_state()``/``set_state()``.
+    batch kept even if short.
     """
     is_train = split == "train"
     shuffle = is_train if shuffle is None else shuffle
@@ -276,7 +280,24 @@ def make_iterator(
             augment, flip=bool(data.augment_flip), intensity=float(data.augment_intensity)
         )
         dataset = dataset.random_map(transform, seed=seed)
-    dataset = dataset.batch(int(data.batch_size), drop_remainder=is_train)
+    return dataset.batch(int(data.batch_size), drop_remainder=is_train)
+
+
+def make_iterator(
+    data: ml_collections.ConfigDict,
+    split: str,
+    seed: int,
+    shuffle: bool | None = None,
+    repeat: bool | None = None,
+    start: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Iterator of the batches of ``batched_dataset`` from batch ``start`` on (a resumed run:
+    the number of batches read before), read by ``data.num_workers`` worker processes (0: in
+    this process) with ``data.prefetch`` batches read ahead; the same batches for any number of
+    workers."""
+    dataset = batched_dataset(data, split, seed, shuffle, repeat)
+    if start:
+        dataset = dataset[int(start) :]
     iter_dataset = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=int(data.prefetch))
     )
