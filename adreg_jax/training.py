@@ -210,9 +210,36 @@ def _restore(manager, step: int, state: TrainState) -> tuple[TrainState, dict[st
 _SPEED_ONLY = ("num_workers", "prefetch")
 
 
+def _initialised_from(
+    state: TrainState, source: str, model_config: ml_collections.ConfigDict
+) -> TrainState:
+    """``state`` with the parameters of ``source`` (``train.init_from``: a train.py run
+    directory, its best checkpoint, or a packaged model's name) and a fresh optimiser state;
+    ``ValueError`` naming ``source`` when its model differs from ``model_config``."""
+    if Path(source).is_dir():
+        config, _, variables = restore_for_inference(source)
+    else:
+        from adreg_jax.pretrained import load
+
+        config, _, variables = load(source)
+    theirs, ours = (json.loads(c.to_json_best_effort()) for c in (config.model, model_config))
+    if theirs != ours:
+        differs = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise ValueError(
+            f"train.init_from={source}: its model differs from this config's in {differs}; "
+            "expected the same config.model"
+        )
+    params = jax.tree.map(
+        lambda new, old: jnp.asarray(new, old.dtype), variables["params"], state.params
+    )
+    print(f"parameters from {source}")
+    return TrainState.create(apply_fn=state.apply_fn, params=params, tx=state.tx)
+
+
 def _check_workdir(workdir: Path, config) -> None:
     """Refuse a workdir that holds another config's run, unless train.overwrite is set (the
-    model, data and loss sections must match, but for ``_SPEED_ONLY`` data fields)."""
+    model, data and loss sections must match, but for ``_SPEED_ONLY`` data fields and fields
+    that the run's saved config does not have: added to the code since, at their defaults)."""
     saved = workdir / "config.json"
     if not saved.exists():
         return
@@ -221,6 +248,9 @@ def _check_workdir(workdir: Path, config) -> None:
     for run in (previous, current):
         for field in _SPEED_ONLY:
             run.get("data", {}).pop(field, None)
+    for section in ("model", "data", "loss"):  # fields added since the run began: at defaults
+        for field in set(current.get(section, {})) - set(previous.get(section, {})):
+            current[section].pop(field)
     differs = [s for s in ("model", "data", "loss") if previous.get(s) != current.get(s)]
     if not differs:
         return
@@ -300,6 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if start is not None:
         state, progress = _restore(manager, start, state)
         print(f"resuming from step {start} ({workdir / 'checkpoints'})")
+    elif config.train.get("init_from"):
+        state = _initialised_from(state, str(config.train.init_from), config.model)
     start = int(state.step)
     # one batch per step (checkpoints written before 2026-11-28 hold Grain's iterator state
     # instead, which was at the same batch)

@@ -59,6 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
     # synthesised brain pairs (adreg_jax.data.synth): random contrasts drawn from label maps
     data.synth_max_mm = 8.0  # largest velocity of each subject's smooth deformation (mm)
     data.synth_affine = (5.0, 0.05, 4.0)  # largest rotation (degrees), scale (fraction), shift (mm)
+    # the same for the map between a pair's images, the field to find (affine (0, 0, 0): what an
+    # affine stage leaves)
+    data.synth_pair_max_mm = 8.0
+    data.synth_pair_affine = (5.0, 0.05, 4.0)
     data.synth_same_contrast = 0.3  # probability that fixed and moving share one contrast
     data.synth_real_contrast = 0.2  # probability that a contrast is the atlas's own T1
     # generated lung phantom (adreg_jax.data.generated_lung)
@@ -105,5 +109,8 @@ def get_config() -> ml_collections.ConfigDict:
     train.best_mode = "max"
     train.early_stopping_patience = 20  # evaluations without improvement; <= 0 disables
     train.overwrite = False
+    # a fresh run's starting parameters: a train.py run directory (its best checkpoint) or a
+    # packaged model's name (adreg_jax.pretrained, e.g. "brain"); "" = random initialisation
+    train.init_from = ""
 
     return config

@@ -160,3 +160,30 @@ def test_register_command_with_a_model(tiny_run, tmp_path, monkeypatch, capsys):
     assert by_model.shape == (20, 24, 20, 3) and np.abs(by_checkpoint).max() > 0
     # the same network, resampled to its grid and back the same way (float16 parameters)
     np.testing.assert_allclose(by_model, by_checkpoint, atol=0.01 * np.abs(by_checkpoint).max())
+
+
+def test_a_run_starts_from_a_trained_run_or_a_packaged_model(tiny_run, monkeypatch):
+    workdir, path = tiny_run
+    config = tiny_config()
+    model = build_model(config.model)
+    image = jax.ShapeDtypeStruct((1, 16, 16, 16, 1), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), image, image)["params"]
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    state = training.TrainState.create(
+        apply_fn=model.apply, params=zeros, tx=training.make_optimizer(config.train)
+    )
+    _, _, run_variables = training.restore_for_inference(workdir)
+    monkeypatch.setattr(pretrained, "load", lambda name: pretrained.load_file(path, name))
+    for source, tolerance in ((str(workdir), 0.0), ("tiny", 1e-3)):  # float16 in the file
+        started = training._initialised_from(state, source, config.model)
+        want = traverse_util.flatten_dict(jax.device_get(run_variables["params"]))
+        got = traverse_util.flatten_dict(jax.device_get(started.params))
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            np.testing.assert_allclose(got[key], value, rtol=tolerance, atol=tolerance)
+        assert int(started.step) == 0
+    other = tiny_config().model
+    other.attention_heads = 1
+    expected = r"init_from=.*differs from this config's in \['attention_heads'\]"
+    with pytest.raises(ValueError, match=expected):
+        training._initialised_from(state, str(workdir), other)

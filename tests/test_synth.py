@@ -76,6 +76,25 @@ def test_zero_deformation_gives_the_atlas_labels():
         np.testing.assert_array_equal(pair["moving_seg"], labels)
 
 
+def test_the_pair_map_has_its_own_size_and_affine():
+    # no map between the pair's images: fixed = moving, whatever the subject's own map
+    still = synth.SynthBrainPairs(SHAPE, length=1, pair_max_mm=0.0, pair_affine=(0.0, 0.0, 0.0))
+    pair = still[0]
+    np.testing.assert_array_equal(pair["true_ddf"], 0.0)
+    np.testing.assert_array_equal(pair["fixed_seg"], pair["moving_seg"])
+    assert (pair["moving_seg"] != synth.atlas_on_grid(SHAPE)[1]).any()  # the subject still moves
+    # a purely affine pair map, A p + b, has det J = det A (affine maps of 5 %: |det - 1| > 0)
+    affine = synth.SynthBrainPairs(SHAPE, length=1, pair_max_mm=0.0, pair_affine=(5.0, 0.05, 2.0))
+    ddf = affine[0]["true_ddf"]
+    det = jacobian_det_numpy(ddf)
+    assert np.ptp(det) < 1e-4 and abs(float(det.mean()) - 1.0) > 1e-3
+    # the config fields reach the source
+    config = synth_config()
+    config.data.synth_pair_max_mm = 0.0
+    config.data.synth_pair_affine = (0.0, 0.0, 0.0)
+    np.testing.assert_array_equal(build_dataset(config.data, "val", 0)[0]["true_ddf"], 0.0)
+
+
 def jacobian_det_numpy(ddf):
     """det(I + grad ddf) with numpy.gradient (the convention of DESIGN.md), written apart."""
     grads = np.stack([np.stack(np.gradient(ddf[..., k]), axis=-1) for k in range(3)], axis=-2)

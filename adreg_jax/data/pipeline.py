@@ -186,6 +186,8 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, seed: int) -> gra
             affine=tuple(float(a) for a in data.synth_affine),
             same_contrast=float(data.synth_same_contrast),
             real_contrast=float(data.synth_real_contrast),
+            pair_max_mm=float(data.get("synth_pair_max_mm", data.synth_max_mm)),
+            pair_affine=tuple(float(a) for a in data.get("synth_pair_affine", data.synth_affine)),
         )
         return grain.MapDataset.source(source)
     if data.dataset == "generated_lung":

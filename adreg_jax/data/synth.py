@@ -188,9 +188,11 @@ class SynthBrainPairs:
       shape: (D, H, W) of every volume (``FULL_EXTENT`` = the atlas at its own 2 mm).
       length: number of distinct pairs (any index below it is a fresh pair).
       seed: with the index, determines the pair exactly.
-      max_mm: largest velocity component of each smooth deformation (the moving subject's and
-        the fixed -> moving map's), in mm.
-      affine: (degrees, scale fraction, shift mm), the largest of each affine map.
+      max_mm: largest velocity component of the moving subject's smooth deformation, in mm.
+      affine: (degrees, scale fraction, shift mm), the largest of the subject's affine map.
+      pair_max_mm, pair_affine: the same for the map U between the pair's images (the field to
+        find); None: as the subject's. What an affine stage leaves to a deformable network is
+        U without its affine part: ``pair_affine`` (0, 0, 0) trains for that.
       same_contrast: probability that fixed and moving share one label -> intensity map.
       real_contrast: probability that a map is the atlas's T1 intensities.
     """
@@ -202,6 +204,8 @@ class SynthBrainPairs:
     affine: tuple[float, float, float] = (5.0, 0.05, 4.0)
     same_contrast: float = 0.3
     real_contrast: float = 0.2
+    pair_max_mm: float | None = None
+    pair_affine: tuple[float, float, float] | None = None
 
     def __post_init__(self):
         self.shape = tuple(int(n) for n in self.shape)
@@ -221,7 +225,13 @@ class SynthBrainPairs:
         first = draw_contrast(rng, num_labels, self.real_contrast)
         contrasts = (first, first if shared else draw_contrast(rng, num_labels, self.real_contrast))
         moving_ddf = subject_ddf(rng, self.shape, spacing, self.max_mm, self.affine)
-        true_ddf = subject_ddf(rng, self.shape, spacing, self.max_mm, self.affine)
+        true_ddf = subject_ddf(
+            rng,
+            self.shape,
+            spacing,
+            self.max_mm if self.pair_max_mm is None else self.pair_max_mm,
+            self.affine if self.pair_affine is None else self.pair_affine,
+        )
         fixed_ddf = compose(true_ddf, moving_ddf)
         element = {"true_ddf": true_ddf}
         for name, contrast, ddf in zip(
