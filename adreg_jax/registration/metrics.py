@@ -60,7 +60,7 @@ def image_metrics(moving, warped, fixed, similarity: str, objective_shape=None):
 
 
 @programs.jit
-def mean_tre(fixed_points, moving_points, ddf, spacing):
+def tre_after_before(fixed_points, moving_points, ddf, spacing):
     """(mean TRE in mm through ``ddf`` (1, D, H, W, 3), mean TRE before: through no field)."""
     after = ops.tre(fixed_points, moving_points, ddf[0], spacing)
     before = ops.tre(fixed_points, moving_points, jnp.zeros_like(ddf[0]), spacing)

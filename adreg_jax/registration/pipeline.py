@@ -60,7 +60,7 @@ from adreg_jax.registration.loading import (
 from adreg_jax.registration.metrics import (
     dice_report,
     image_metrics,
-    mean_tre,
+    tre_after_before,
     warp_and_jacobian,
 )
 from adreg_jax.registration.similarity import similarity_fn
@@ -350,7 +350,7 @@ def register_pair(
                 metrics.update(dice_report(segs["fixed"], segs["moving"], warped_seg))
         if points is not None:
             fixed_points, moving_points = points
-            after, before = mean_tre(
+            after, before = tre_after_before(
                 fixed_points, moving_points, ddf, np.asarray(spacing, np.float32)
             )
             metrics["tre_mm"], metrics["tre_mm_before"] = float(after), float(before)
