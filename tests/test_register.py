@@ -498,3 +498,18 @@ def test_levels_take_one_factor_per_axis_or_one_for_all(pair, tmp_path, capsys):
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["levels"] == [[4, 4, 2], [2, 2, 1]] and metrics["instance_steps"] == [5, 5]
+
+
+def test_dice_report_matches_plain_dice_for_few_and_many_labels():
+    from adreg_jax.registration.metrics import dice_report
+
+    rng = np.random.default_rng(0)
+    for count in (3, 12):  # one comparison per label, and the joint histogram beyond 8 labels
+        fixed, moving, warped = (rng.integers(0, count + 1, size=(9, 10, 11)) for _ in range(3))
+        report = dice_report(fixed, moving, warped)
+        for key, other in (("dice", warped), ("dice_before", moving)):
+            assert list(report[key]) == [str(label) for label in range(1, count + 1)]
+            for label, value in report[key].items():
+                a, b = fixed == int(label), other == int(label)
+                np.testing.assert_allclose(value, 2 * (a & b).sum() / (a.sum() + b.sum()))
+        np.testing.assert_allclose(report["dice_mean"], np.mean(list(report["dice"].values())))
