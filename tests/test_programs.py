@@ -61,6 +61,32 @@ def test_a_program_is_traced_once_then_read_from_disk(folder):
     assert any(path.stat().st_size > 100 for path in folder.glob("*.program"))
 
 
+def test_the_least_recently_used_programs_go_beyond_the_limit(folder, monkeypatch):
+    import os
+
+    folder.mkdir(parents=True)
+    for age in range(8):  # eight old programs of 1000 bytes, program 0 the least recently used
+        path = folder / f"old{age}{programs.SUFFIX}"
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (1e9 + 100 * age, 1e9 + 100 * age))
+    (folder / "notes.txt").write_bytes(b"x" * 5000)  # not a program: never counted or deleted
+    x = np.arange(8, dtype=np.float32)
+    programs.jit(_scaled([]), static_argnums=2, key="a")(x, 2.0, 3)  # writes one program
+    new = [p for p in folder.glob("*.program") if not p.name.startswith("old")]
+    assert len(new) == 1
+    monkeypatch.setattr(programs, "MAX_BYTES", 6000 + new[0].stat().st_size)
+    programs._prune(folder)  # 9 programs over the limit: down to 3/4 of it, oldest first
+    left = sorted(p.name for p in folder.glob("old*"))
+    total = sum(p.stat().st_size for p in folder.glob("*.program"))
+    assert total <= programs.MAX_BYTES * 3 // 4 < total + 1000
+    assert left == [f"old{age}{programs.SUFFIX}" for age in range(8 - len(left), 8)]
+    assert new[0].exists() and (folder / "notes.txt").exists()
+    # loading a program marks it used: it outlives older ones
+    os.utime(new[0], (1.0, 1.0))
+    programs.jit(_scaled([]), static_argnums=2, key="a")(x, 2.0, 3)
+    assert new[0].stat().st_mtime > 1e9
+
+
 def test_without_a_folder_it_is_jax_jit(folder):
     programs.set_directory(None)
     double = programs.jit(lambda x: 2 * x)

@@ -221,6 +221,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+CACHE_MAX_BYTES = 1 << 30  # JAX's part of --cache-dir
+
+
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "adreg_jax" / "xla"
@@ -229,8 +232,9 @@ def _default_cache_dir() -> Path:
 def _enable_compilation_cache(directory: str) -> None:
     """Keep compiled programs on disk (``jax_compilation_cache_dir``) unless the environment's
     JAX_COMPILATION_CACHE_DIR already chose a place; every compilation is kept (many are small,
-    together they are seconds). The registration's own programs are also kept whole, traced and
-    lowered (``programs``), in its ``programs`` subfolder."""
+    together they are seconds), the least recently used deleted beyond ``CACHE_MAX_BYTES``. The
+    registration's own programs are also kept whole, traced and lowered (``programs``), in its
+    ``programs`` subfolder, which ``programs.MAX_BYTES`` bounds in the same way."""
     if not directory:
         programs.set_directory(None)
         return
@@ -240,6 +244,8 @@ def _enable_compilation_cache(directory: str) -> None:
         return
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # JAX deletes its least recently used entries beyond this (programs.MAX_BYTES for ours)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,10 @@ source files of ``adreg_jax.ops`` and ``adreg_jax.registration``, which the prog
 of), JAX, jaxlib, Optax and ``XLA_FLAGS``. A later process (or a later call
 with other shapes) with the same key loads the executable and calls it directly.
 
+The folder keeps at most ``MAX_BYTES`` of programs: after a program is written, the least
+recently used (by modification time, which a load renews) are deleted until a quarter of that
+is free again. (A 1 mm brain command keeps about 30 programs, 0.1-1 MB each.)
+
 Without a folder (``set_directory(None)``, ``--cache-dir ''``), with keyword arguments, with
 arrays on another device than the default one (``jax.default_device``), or inside another
 traced function, a call is a plain ``jax.jit`` call.
@@ -35,6 +39,7 @@ from pathlib import Path
 import jax
 
 SUFFIX = ".program"
+MAX_BYTES = 1 << 30
 _directory: Path | None = None
 _compile_lock = threading.Lock()
 
@@ -132,7 +137,11 @@ class Program:
 
                 payload, in_tree, out_tree = pickle.loads(path.read_bytes())
                 device = _default_device()  # the one device it was compiled for (the key's)
-                return deserialize_and_load(payload, in_tree, out_tree, execution_devices=[device])
+                loaded = deserialize_and_load(
+                    payload, in_tree, out_tree, execution_devices=[device]
+                )
+                _touch(path)
+                return loaded
             except Exception:  # unreadable or from another runtime: compiled anew below
                 pass
         lowered = self._jitted.lower(*args)
@@ -175,7 +184,42 @@ def _store(path: Path, compiled) -> None:
         temporary.write_bytes(record)
         os.replace(temporary, path)
     except (OSError, ValueError, NotImplementedError, TypeError, pickle.PicklingError):
+        return
+    _prune(path.parent)
+
+
+def _touch(path: Path) -> None:
+    """Mark a program used now (its modification time), for ``_prune``."""
+    try:
+        os.utime(path)
+    except OSError:
         pass
+
+
+def _prune(folder: Path, limit: int | None = None) -> None:
+    """Delete the least recently used programs of ``folder`` while they take more than
+    ``limit`` (default ``MAX_BYTES``) bytes, down to three quarters of it. Another process may
+    be deleting or reading the same files: a file gone meanwhile is skipped (a program deleted
+    under a reader is only compiled again)."""
+    limit = MAX_BYTES if limit is None else limit
+    entries = []
+    for path in folder.glob(f"*{SUFFIX}"):
+        try:
+            status = path.stat()
+        except OSError:
+            continue
+        entries.append((status.st_mtime, status.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    if total <= limit:
+        return
+    for _, size, path in sorted(entries, key=lambda entry: entry[0]):
+        if total <= limit * 3 // 4:
+            break
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
 
 
 def jit(fun: Callable | None = None, *, static_argnums: int | Sequence[int] = (), key=()):
