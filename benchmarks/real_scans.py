@@ -9,7 +9,10 @@
 Needs ``../shared/data`` (see its README; nothing here is packaged) and, for the ANTs column,
 ``pip install antspyx``. Every method runs on this machine in this process, one after another,
 on the same NIfTI files; each adreg row is an ``adreg-register`` call
-(``registration.commands.main``).
+(``registration.commands.main``), with glibc's malloc tuned as the console script tunes it
+(``commands._keep_freed_memory``; for ANTs too, whose times it leaves as they were: mni_to_scan
+63.5 s untuned, 60.8 s tuned, where adreg's instance optimisation went from 4.9 to 3.2 s; until
+2026-11-28 every table was measured untuned).
 
 Times compare like with like: for adreg, ``time_register_s``, from the images in memory to the
 final displacement field (affine stage, network, instance optimisation); for ANTs, its
@@ -562,6 +565,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--no-ants", action="store_true")
     args = parser.parse_args(argv)
+    commands._keep_freed_memory()  # as the adreg-register console script does
     data = Path(args.data).resolve()
     if not (data / "brain" / "test_scan.npz").is_file():
         print(
