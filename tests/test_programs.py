@@ -87,6 +87,30 @@ def test_the_least_recently_used_programs_go_beyond_the_limit(folder, monkeypatc
     assert new[0].stat().st_mtime > 1e9
 
 
+def test_the_commands_compilation_cache_reads_back_without_warnings(tmp_path):
+    # JAX's size limit on its cache needs the filelock package; without it every cache read
+    # and write only warned (a fresh install compiled everything again, every time)
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from adreg_jax.registration import commands; import jax, jax.numpy as jnp; "
+        f"commands._enable_compilation_cache({str(tmp_path)!r}); "
+        "print(float(jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).sum()))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # conftest's
+    for _ in range(2):  # the first writes the cache, the second reads it
+        result = subprocess.run(
+            [sys.executable, "-W", "error::UserWarning", "-c", code],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert list(tmp_path.glob("*-cache")), "nothing was written to JAX's cache"
+
+
 def test_without_a_folder_it_is_jax_jit(folder):
     programs.set_directory(None)
     double = programs.jit(lambda x: 2 * x)
