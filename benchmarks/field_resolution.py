@@ -25,17 +25,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from real_scans import DATA, prepare_brain
+from real_scans import DATA, pair_argv, prepare_brain
+from registration_outputs import command
 
 
 def register(pair: dict, out: Path, *options: str) -> dict:
-    code = "from adreg_jax.registration.commands import cli; cli()"
-    argv = [
-        "--fixed", str(pair["fixed"]), "--moving", str(pair["moving"]),
-        "--fixed-seg", str(pair["fixed_seg"]), "--moving-seg", str(pair["moving_seg"]),
-        "--affine", "--out", str(out), "--quiet", "--no-png", *options,
-    ]  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    """``adreg-register`` (its console script, a fresh process) on the pair; its metrics."""
+    argv = [*pair_argv(pair), "--out", str(out), "--quiet", "--no-png", *options]
+    result = subprocess.run(command("adreg-register", *argv), capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"adreg-register {' '.join(argv)} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -10,7 +10,7 @@ Needs ``../shared/data`` (see its README; nothing here is packaged) and, for the
 ``pip install antspyx``. Every method runs on this machine in this process, one after another,
 on the same NIfTI files; each adreg row is an ``adreg-register`` call
 (``registration.commands.main``), with glibc's malloc tuned as the console script tunes it
-(``commands._keep_freed_memory``; for ANTs too, whose times it leaves as they were: mni_to_scan
+(``commands.keep_freed_memory``; for ANTs too, whose times it leaves as they were: mni_to_scan
 63.5 s untuned, 60.8 s tuned, where adreg's instance optimisation went from 4.9 to 3.2 s; until
 2026-11-28 every table was measured untuned).
 
@@ -355,6 +355,20 @@ def prepare_lung_dirlab(out: Path, seed: int = 0) -> dict[str, dict]:
 # --- methods ------------------------------------------------------------------------------------
 
 
+def pair_argv(pair: dict) -> list[str]:
+    """The ``adreg-register`` flags a pair implies: its files (scans, label maps, points) and its
+    ``--affine`` / ``--similarity``."""
+    argv = ["--fixed", str(pair["fixed"]), "--moving", str(pair["moving"])]
+    if pair.get("affine"):
+        argv.append("--affine")
+    if pair.get("similarity"):
+        argv += ["--similarity", pair["similarity"]]
+    for key in ("fixed_seg", "moving_seg", "fixed_points", "moving_points"):
+        if key in pair:
+            argv += [f"--{key.replace('_', '-')}", str(pair[key])]
+    return argv
+
+
 def run_adreg(
     pair: dict,
     out: Path,
@@ -370,17 +384,7 @@ def run_adreg(
     The network: ``checkpoint`` (a train.py run directory, ``--checkpoint``) or ``model`` (a
     packaged pretrained model's name, ``--model``), or neither (instance optimisation alone);
     ``steps`` [0] keeps the network's field as it is."""
-    argv = [
-        "--fixed",
-        str(pair["fixed"]),
-        "--moving",
-        str(pair["moving"]),
-        "--out",
-        str(out),
-        "--cache-dir",
-        cache,
-        "--quiet",
-    ]
+    argv = [*pair_argv(pair), "--out", str(out), "--cache-dir", cache, "--quiet"]
     if steps:
         argv += ["--instance-steps", *map(str, steps)]
     if checkpoint and model:
@@ -389,13 +393,6 @@ def run_adreg(
         argv += ["--checkpoint", checkpoint]
     if model:
         argv += ["--model", model]
-    if pair.get("affine"):
-        argv.append("--affine")
-    if pair.get("similarity"):
-        argv += ["--similarity", pair["similarity"]]
-    for key in ("fixed_seg", "moving_seg", "fixed_points", "moving_points"):
-        if key in pair:
-            argv += [f"--{key.replace('_', '-')}", str(pair[key])]
     first = None
     for _ in range(repeat):
         if commands.main(argv) != 0:
@@ -565,7 +562,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--no-ants", action="store_true")
     args = parser.parse_args(argv)
-    commands._keep_freed_memory()  # as the adreg-register console script does
+    commands.keep_freed_memory()  # as the adreg-register console script does
     data = Path(args.data).resolve()
     if not (data / "brain" / "test_scan.npz").is_file():
         print(

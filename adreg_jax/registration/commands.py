@@ -269,7 +269,7 @@ def _end_process(code: int) -> None:
     os._exit(code)
 
 
-def _keep_freed_memory() -> None:
+def keep_freed_memory() -> None:
     """glibc's malloc, for this process only: every thread allocates from the one main heap, which
     keeps what is freed (no mmap per large block, no trimming below 1 GB). By default each of
     XLA's threads has its own arena, which cannot hold a block larger than 64 MB: every
@@ -291,10 +291,10 @@ def _keep_freed_memory() -> None:
 
 
 def cli() -> None:
-    """The ``adreg-register`` console script: ``main`` (malloc tuned by ``_keep_freed_memory``
+    """The ``adreg-register`` console script: ``main`` (malloc tuned by ``keep_freed_memory``
     first), then ``_end_process`` (``main`` itself returns, for callers in Python, and leaves
     malloc as it is)."""
-    _keep_freed_memory()
+    keep_freed_memory()
     _end_process(main())
 
 
@@ -368,7 +368,7 @@ def apply_main(argv: Sequence[str] | None = None) -> int:
 
 
 def apply_cli() -> None:
-    """The ``adreg-apply`` console script: ``apply_main`` (``_keep_freed_memory`` first), then
+    """The ``adreg-apply`` console script: ``apply_main`` (``keep_freed_memory`` first), then
     ``_end_process``."""
-    _keep_freed_memory()
+    keep_freed_memory()
     _end_process(apply_main())
