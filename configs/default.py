@@ -63,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
     # affine stage leaves)
     data.synth_pair_max_mm = 8.0
     data.synth_pair_affine = (5.0, 0.05, 4.0)
+    # (low, high) mm between the control points of every smooth deformation, log-uniform per map:
+    # how local a deformation is, the same on any grid
+    data.synth_scale_mm = (32.0, 32.0)
     data.synth_same_contrast = 0.3  # probability that fixed and moving share one contrast
     data.synth_real_contrast = 0.2  # probability that a contrast is the atlas's own T1
     # generated lung phantom (adreg_jax.data.generated_lung)
@@ -109,8 +112,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.best_mode = "max"
     train.early_stopping_patience = 20  # evaluations without improvement; <= 0 disables
     train.overwrite = False
-    # a fresh run's starting parameters: a train.py run directory (its best checkpoint) or a
-    # packaged model's name (adreg_jax.pretrained, e.g. "brain"); "" = random initialisation
+    # a fresh run's starting parameters: a train.py run directory (its best checkpoint), a
+    # weights file (.npz, adreg_jax.pretrained.export) or a packaged model's name (e.g. "brain");
+    # "" = random initialisation
     train.init_from = ""
 
     return config

@@ -280,3 +280,34 @@ def test_image_terms_weighted_zero_are_reported_without_gradient():
     assert 0.0 < float(terms["ncc"]) < 1.0 and np.isfinite(float(terms["ssim"]))
     for weights in ((1.0, 0.0), (0.0, 1.0)):
         assert float(jnp.abs(gradient(*weights)[0]).max()) > 0.0
+
+
+def relative_gradient_per_mm(ddf: np.ndarray, spacing_mm: float) -> float:
+    """mean |d u / d x| over mean |u| (1 / mm) of a field in voxels on an isotropic grid: how
+    fast the field changes, in millimetres, whatever the voxel size."""
+    grads = [np.gradient(ddf[..., k], axis=a) for k in range(3) for a in range(3)]
+    return float(np.mean(np.abs(grads)) / np.mean(np.abs(ddf)) / spacing_mm)
+
+
+def test_deformations_vary_over_the_same_millimetres_on_any_grid():
+    """``scale_mm`` fixes how local a deformation is in mm: the same on a 1.5 mm and a 6 mm grid
+    over one field of view, and 3 times faster-varying at 16 mm than at 48 mm."""
+
+    def rate(shape, spacing_mm, scale_mm):
+        spacing = np.full(3, spacing_mm, np.float32)
+        rates = [
+            relative_gradient_per_mm(
+                synth.subject_ddf(
+                    np.random.default_rng(seed), shape, spacing, 8.0, (0, 0, 0), scale_mm
+                ),
+                spacing_mm,
+            )
+            for seed in range(4)
+        ]
+        return float(np.mean(rates))
+
+    fine = rate((64, 64, 64), 1.5, (16.0, 16.0))
+    coarse = rate((16, 16, 16), 6.0, (16.0, 16.0))
+    smooth = rate((64, 64, 64), 1.5, (48.0, 48.0))
+    assert 0.7 < coarse / fine < 1.3, (coarse, fine)
+    assert 2.0 < fine / smooth < 4.5, (fine, smooth)

@@ -51,11 +51,20 @@ def pair_rng(seed: int, index: int, length: int) -> np.random.Generator:
     return np.random.default_rng((seed, int(index)))
 
 
-def smooth_velocity(rng: np.random.Generator, shape: Sequence[int], max_voxels: float):
-    """A random smooth velocity (D, H, W, 3): Gaussian noise on a grid 8 times coarser, linear
+def smooth_velocity(
+    rng: np.random.Generator,
+    shape: Sequence[int],
+    max_voxels: float,
+    coarse_voxels: float | Sequence[float] = 8.0,
+):
+    """A random smooth velocity (D, H, W, 3): Gaussian noise on a grid ``coarse_voxels`` times
+    coarser (per axis, or one number for all; at least 2 noise points per axis), linear
     upsampling, then a Gaussian blur of the coarse spacing's width (cheaper than cubic splines at
     the same smoothness), scaled so that its largest component is ``max_voxels``."""
-    coarse_shape = tuple(max(2, n // 8) for n in shape)
+    coarse_voxels = np.broadcast_to(np.asarray(coarse_voxels, np.float64), (3,))
+    coarse_shape = tuple(
+        max(2, int(round(n / c))) for n, c in zip(shape, coarse_voxels, strict=True)
+    )
     factors = [n / c for n, c in zip(shape, coarse_shape, strict=True)]
     components = []
     for _ in range(3):

@@ -12,8 +12,9 @@ One pair (deterministic from (seed, index)):
   subjects      moving = fine labels o T_m, a random subject, and fixed = moving o U: the same
                 anatomy under a second random map U (inter-subject differences after an affine
                 stage), each of T_m and U a small random affine map (rotation, scale, shift
-                about the centre) after a random smooth diffeomorphism (a velocity integrated by
-                scaling and squaring); the fixed labels are sampled once, through T_m o U
+                about the centre) after a random smooth diffeomorphism (a velocity on control
+                points ``scale_mm`` apart, integrated by scaling and squaring); the fixed labels
+                are sampled once, through T_m o U
   images        each drawn from its label map: a uniform random mean and a random std per label,
                 Gaussian blur, a smooth multiplicative bias field, gamma, Gaussian noise, min-max
                 to [0, 1]; with probability ``same_contrast`` fixed and moving share one
@@ -123,18 +124,29 @@ def subject_ddf(
     spacing: np.ndarray,
     max_mm: float,
     affine: Sequence[float],
+    scale_mm: Sequence[float] = (32.0, 32.0),
 ) -> np.ndarray:
     """The DDF (D, H, W, 3) in voxels of one random subject: q(p) = A(p + phi(p)), with phi a
     smooth diffeomorphism whose velocity's largest component is uniform in [max_mm / 4, max_mm]
-    mm, and A = ``random_affine``: ``labels(p + ddf(p))`` is the subject's label map."""
+    mm, and A = ``random_affine``: ``labels(p + ddf(p))`` is the subject's label map.
+
+    The velocity is noise on control points ``scale_mm`` apart (log-uniform in that range), so
+    a deformation varies over the same millimetres on any grid. (Until 2026-11-28 the points were
+    8 voxels of a half-resolution grid apart: 32 mm on the 2 mm MNI grid, but on the 6 mm
+    training grid 2 points per axis, a bend of the whole brain, which is what the first shipped
+    model learnt.)"""
     ddf = np.zeros((*shape, 3), np.float32)
     if max_mm > 0:
-        # integrated on a grid half as fine (the velocity varies over ~8 voxels, 4 times cheaper
-        # to integrate), then upsampled with its values rescaled to voxels of ``shape``
-        half = tuple(max(2, (n + 1) // 2) for n in shape)
+        low, high = (float(s) for s in scale_mm)
+        scale = float(np.exp(rng.uniform(np.log(low), np.log(high))))
+        # integrated on a grid half as fine when that grid still has 4 voxels per control-point
+        # spacing (4 times cheaper to integrate), then upsampled with its values rescaled to
+        # voxels of ``shape``
+        coarsen = 2 if scale / float(np.max(spacing)) >= 8.0 else 1
+        half = tuple(max(2, (n + coarsen - 1) // coarsen) for n in shape)
         factors = np.asarray(shape, np.float32) / np.asarray(half, np.float32)
         largest = rng.uniform(0.25, 1.0) * max_mm / float(np.min(spacing * factors))
-        coarse = integrate(smooth_velocity(rng, half, largest))
+        coarse = integrate(smooth_velocity(rng, half, largest, scale / (spacing * factors)))
         ddf = np.stack(
             [
                 ndimage.zoom(coarse[..., k], factors, order=1, grid_mode=True, mode="nearest")
@@ -190,6 +202,8 @@ class SynthBrainPairs:
       seed: with the index, determines the pair exactly.
       max_mm: largest velocity component of the moving subject's smooth deformation, in mm.
       affine: (degrees, scale fraction, shift mm), the largest of the subject's affine map.
+      scale_mm: (low, high), the spacing in mm of the control points of each smooth deformation
+        (log-uniform per map; ``subject_ddf``): how local the deformations are.
       pair_max_mm, pair_affine: the same for the map U between the pair's images (the field to
         find); None: as the subject's. What an affine stage leaves to a deformable network is
         U without its affine part: ``pair_affine`` (0, 0, 0) trains for that.
@@ -206,6 +220,7 @@ class SynthBrainPairs:
     real_contrast: float = 0.2
     pair_max_mm: float | None = None
     pair_affine: tuple[float, float, float] | None = None
+    scale_mm: tuple[float, float] = (32.0, 32.0)
 
     def __post_init__(self):
         self.shape = tuple(int(n) for n in self.shape)
@@ -224,13 +239,16 @@ class SynthBrainPairs:
         shared = rng.random() < self.same_contrast
         first = draw_contrast(rng, num_labels, self.real_contrast)
         contrasts = (first, first if shared else draw_contrast(rng, num_labels, self.real_contrast))
-        moving_ddf = subject_ddf(rng, self.shape, spacing, self.max_mm, self.affine)
+        moving_ddf = subject_ddf(
+            rng, self.shape, spacing, self.max_mm, self.affine, self.scale_mm
+        )
         true_ddf = subject_ddf(
             rng,
             self.shape,
             spacing,
             self.max_mm if self.pair_max_mm is None else self.pair_max_mm,
             self.affine if self.pair_affine is None else self.pair_affine,
+            self.scale_mm,
         )
         fixed_ddf = compose(true_ddf, moving_ddf)
         element = {"true_ddf": true_ddf}
