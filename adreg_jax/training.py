@@ -214,10 +214,15 @@ def _initialised_from(
     state: TrainState, source: str, model_config: ml_collections.ConfigDict
 ) -> TrainState:
     """``state`` with the parameters of ``source`` (``train.init_from``: a train.py run
-    directory, its best checkpoint, or a packaged model's name) and a fresh optimiser state;
-    ``ValueError`` naming ``source`` when its model differs from ``model_config``."""
+    directory, its best checkpoint; a weights file written by ``adreg_jax.pretrained.export``;
+    or a packaged model's name) and a fresh optimiser state; ``ValueError`` naming ``source``
+    when its model differs from ``model_config``."""
     if Path(source).is_dir():
         config, _, variables = restore_for_inference(source)
+    elif source.endswith(".npz"):
+        from adreg_jax.pretrained import load_file
+
+        config, _, variables = load_file(source)
     else:
         from adreg_jax.pretrained import load
 

@@ -174,7 +174,8 @@ def test_a_run_starts_from_a_trained_run_or_a_packaged_model(tiny_run, monkeypat
     )
     _, _, run_variables = training.restore_for_inference(workdir)
     monkeypatch.setattr(pretrained, "load", lambda name: pretrained.load_file(path, name))
-    for source, tolerance in ((str(workdir), 0.0), ("tiny", 1e-3)):  # float16 in the file
+    # a run, a packaged model's name, an exported file (float16 in the last two)
+    for source, tolerance in ((str(workdir), 0.0), ("tiny", 1e-3), (str(path), 1e-3)):
         started = training._initialised_from(state, source, config.model)
         want = traverse_util.flatten_dict(jax.device_get(run_variables["params"]))
         got = traverse_util.flatten_dict(jax.device_get(started.params))
