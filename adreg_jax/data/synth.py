@@ -239,9 +239,7 @@ class SynthBrainPairs:
         shared = rng.random() < self.same_contrast
         first = draw_contrast(rng, num_labels, self.real_contrast)
         contrasts = (first, first if shared else draw_contrast(rng, num_labels, self.real_contrast))
-        moving_ddf = subject_ddf(
-            rng, self.shape, spacing, self.max_mm, self.affine, self.scale_mm
-        )
+        moving_ddf = subject_ddf(rng, self.shape, spacing, self.max_mm, self.affine, self.scale_mm)
         true_ddf = subject_ddf(
             rng,
             self.shape,
