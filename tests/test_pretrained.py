@@ -188,3 +188,17 @@ def test_a_run_starts_from_a_trained_run_or_a_packaged_model(tiny_run, monkeypat
     expected = r"init_from=.*differs from this config's in \['attention_heads'\]"
     with pytest.raises(ValueError, match=expected):
         training._initialised_from(state, str(workdir), other)
+
+
+def test_the_network_grid_keeps_the_scans_extent_in_mm():
+    """A network's grid has the fixed scan's extent in mm, so its voxels are about as wide along
+    every axis as the training grid's: for a 1 mm scan, as many voxels as training with the
+    scan's aspect; for a thick-slice one, no longer six times thinner along the slices."""
+    from adreg_jax.registration.deformable import network_grid
+
+    assert network_grid((160, 224, 192), (1.0, 1.0, 1.0), 32 * 40 * 32, 8) == (32, 40, 32)
+    thick = network_grid((320, 384, 18), (0.5, 0.5, 3.0), 32 * 40 * 32, 8)
+    widths = np.array([160.0, 192.0, 54.0]) / np.array(thick)  # mm per network voxel
+    assert widths.max() / widths.min() < 1.3, (thick, widths)
+    assert 0.7 < np.prod(thick) / (32 * 40 * 32) < 1.4
+    assert network_grid((8, 8, 8), (1.0, 1.0, 1.0), 32 * 40 * 32, 8) == (32, 32, 32)

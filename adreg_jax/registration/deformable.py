@@ -303,21 +303,40 @@ def _restored(checkpoint: str | None, model: str | None = None):
     return config, jax.jit(module.apply), variables
 
 
+def network_grid(
+    shape: Sequence[int], spacing_mm: Sequence[float], voxels: int, multiple: int
+) -> tuple[int, int, int]:
+    """The grid a network runs on for a fixed scan of ``shape`` voxels of ``spacing_mm``: the
+    scan's extent in mm, sampled with about ``voxels`` voxels (the training images' count), each
+    side a multiple of ``multiple`` (the U-Net's downsampling factor). Its voxels are about as
+    wide along every axis, as in training, whatever the scan's voxels: a thick-slice scan of 0.5
+    x 0.5 x 3 mm is not squeezed into voxels six times thinner along the slices."""
+    extent = np.asarray(shape, np.float64) * np.asarray(spacing_mm, np.float64)
+    per_mm = (float(voxels) / float(np.prod(extent))) ** (1.0 / 3.0)
+    return tuple(int(max(multiple, round(e * per_mm / multiple) * multiple)) for e in extent)
+
+
 def network_ddf(
-    checkpoint: str | None, fixed: jnp.ndarray, moving: jnp.ndarray, model: str | None = None
+    checkpoint: str | None,
+    fixed: jnp.ndarray,
+    moving: jnp.ndarray,
+    model: str | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> jnp.ndarray:
     """The trained network's DDF (1, D, H, W, 3) on the fixed grid: the best checkpoint of a
     train.py run directory (``checkpoint``) or a packaged pretrained model (``model``, a name of
     ``adreg_jax.pretrained.MODELS``).
 
-    The network runs on a grid with the fixed grid's aspect and as many voxels as the run's
-    training images (``config.data.image_size``), each side a multiple of the U-Net's downsampling
-    factor; its field is resized (and rescaled) back to the fixed grid.
+    The network runs on ``network_grid``: the fixed scan's extent (``spacing``: its voxel size in
+    mm) in as many voxels as the run's training images (``config.data.image_size``); its field is
+    resized (and rescaled per axis) back to the fixed grid.
     """
     config, apply, variables = _restored(checkpoint, model)
-    shape = np.asarray(fixed.shape[1:4], np.float64)
-    multiple = 2 ** (len(config.model.channels) - 1)
-    scale = (np.prod(config.data.image_size) / np.prod(shape)) ** (1.0 / 3.0)
-    net_shape = tuple(int(max(multiple, round(n * scale / multiple) * multiple)) for n in shape)
+    net_shape = network_grid(
+        fixed.shape[1:4],
+        spacing,
+        int(np.prod(config.data.image_size)),
+        2 ** (len(config.model.channels) - 1),
+    )
     ddf = apply(variables, resize_image(fixed, net_shape), resize_image(moving, net_shape))
     return resize_ddf(ddf["ddf"], tuple(fixed.shape[1:4]))

@@ -261,7 +261,7 @@ def register_pair(
     model = getattr(args, "model", None)
     initial = None
     if args.checkpoint or model:
-        initial = network_ddf(args.checkpoint, fixed_j, source, model=model)
+        initial = network_ddf(args.checkpoint, fixed_j, source, model=model, spacing=spacing)
     initial = jax.block_until_ready(initial)
     stages["network"] = time.perf_counter() - loaded - stages["affine"]
     if max(steps) > 0:
