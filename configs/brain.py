@@ -1,42 +1,55 @@
 """The shipped brain model (``adreg-register --model brain``): AD-RegNet trained on pairs
 synthesised from the packaged MNI152 labels (``adreg_jax.data.synth``), whose true field is known.
 
-    python train.py --config configs/brain.py --workdir runs/brain
+    python train.py --config configs/brain.py --workdir runs/brain   # from scratch: see below
     python -m adreg_jax.pretrained export --workdir runs/brain --name brain
     python eval.py --config configs/brain.py --workdir runs/brain_pretrained --model brain
 
 Data: pairs synthesised from the packaged 2 mm MNI152 labels over the 2 mm MNI grid's extent
-(96 x 112 x 96 voxels) sampled at 6 mm (32 x 40 x 32): a random subject (a smooth deformation up
+(96 x 112 x 96 voxels) sampled at 4 mm (48 x 56 x 48): a random subject (a smooth deformation up
 to ``synth_max_mm`` after a small affine map) as the moving image and the same subject under a
-second such map as the fixed one, so that the true field is known; intensities drawn per
-(sub-)label with blur, bias field, gamma and noise. Here both images take the atlas's own T1
+second, purely deformable map (what an affine stage leaves: ``synth_pair_affine`` = 0; mean 3-4
+mm in the brain, as a real pair needs after the affine stage) as the fixed one, so that the true
+field is known; every deformation varies over 16-48 mm (``synth_scale_mm``); intensities drawn
+per (sub-)label with blur, bias field, gamma and noise. Both images take the atlas's own T1
 contrast (``synth_same_contrast`` = ``synth_real_contrast`` = 1): the brain pairs people register
 are T1 pairs, and matching is learnt far sooner on one contrast (for any contrast, lower both).
 Loss: local NCC + soft Dice over CSF, grey and white matter + the mean end-point error against
 the known field (``loss.ddf_weight``), with the diffusion regulariser and the negative-Jacobian
 penalty.
 
-Why this recipe, measured on the 2-core CPU (validation pairs, "before" = no registration): the
-label loss alone (the earlier recipe, 48 x 56 x 48, contrasts drawn at random) left the
-validation Dice at 0.434 -> 0.435 after 1000 steps; with the known-field term added it was still
-flat after 250 steps (end-point error 1.967 -> 1.969 voxels), and on one shared T1 contrast without
-NCC after 200 (Dice 0.458 -> 0.458); with NCC added, as here, it rose after 200 steps
-(Dice 0.458 -> 0.474, end-point error 1.558 -> 1.480).
+How the shipped weights were made: three runs, each starting from the one before
+(``train.init_from``), the first on a GPU, the other two on the 2-core CPU.
 
-The shipped weights (adreg_jax/weights/brain.npz): this config's full model as trained in the
-ablation study on one H200 GPU, the five variants at once for 6 minutes, cut at the last step all
-of them had validated (5200; the full model is the slowest variant):
+1. The first shipped model (commit dc47378's ``configs/brain.py``: 6 mm, 32 x 40 x 32, pairs
+   with an affine part, 1e-3), the full model of the ablation study, 5200 steps on one H200 GPU
+   (6 minutes, shared with the other four variants): ``git show
+   dc47378:adreg_jax/weights/brain.npz > brain_v1.npz``. Its deformations were bends of the whole
+   brain: the generator then put 2 control points per axis on a 6 mm grid (fixed since,
+   ``data.synth_scale_mm``).
+2. 6 mm, local deformations, 3e-4 (best: step 200, validation Dice 0.716 -> 0.720; the run was
+   stopped at step 430):
 
-    python benchmarks/ablation.py --config configs/brain.py --workdir runs/gpu_ablation \\
-        --minutes 6 --config.data.num_workers=2
-    python -m adreg_jax.pretrained export --workdir runs/gpu_ablation/ad-regnet-full --name brain
+       python train.py --config configs/brain.py --workdir runs/brain_6mm \
+           --config.data.image_size="(32,40,32)" --config.train.init_from=brain_v1.npz \
+           --config.train.learning_rate=3e-4 --config.train.max_steps=400 \
+           --config.train.eval_every=200 --config.train.checkpoint_every=200
 
-(``train.py`` with this config runs the same 5200 steps on the same batches; on the 2-core CPU a
-step takes 1.3 s, about 2 h in all, which is why the shipped run was made on the GPU.) Best
-checkpoint by val/dice: step 5200. Validation (4 held-out pairs): Dice over CSF/GM/WM 0.458 ->
-0.598, end-point error 1.558 -> 0.832 voxels; test (16 pairs): Dice 0.513 -> 0.637, det J <= 0 at
-0.009 %. On the real brain pairs it is still no better than the affine stage (model card:
-adreg_jax/weights/brain.md).
+3. This config, from step 2: 2250 steps at about 2 s each (80 minutes; best and last: step
+   2250, validation Dice 0.592 -> 0.625, end-point error 1.175 -> 1.073 voxels):
+
+       python train.py --config configs/brain.py --workdir runs/brain \
+           --config.train.init_from=runs/brain_6mm
+
+From scratch (the next GPU run): ``--config.train.learning_rate=1e-3`` and as many steps as the
+GPU gives (``train.max_steps``); the validation Dice was still rising when stage 3 stopped.
+Measured results: the model card (adreg_jax/weights/brain.md).
+
+Why NCC and the known field, measured earlier on this CPU (6 mm, validation pairs): the label
+loss alone left the validation Dice at 0.434 -> 0.435 after 1000 steps (48 x 56 x 48, random
+contrasts); with the known-field term added it was still flat after 250 steps, and on one shared
+T1 contrast without NCC after 200 (Dice 0.458 -> 0.458); with NCC added it rose within 200 steps
+(0.458 -> 0.474).
 """
 
 from configs import default
@@ -53,16 +66,22 @@ def get_config():
     config.model.region_heads = 2
 
     config.data.dataset = "synth_brain"
-    # the 2 mm MNI grid's extent (96x112x96 voxels) at 6 mm: the network sees scans resampled to
-    # about 6 mm (adreg-register resamples to this many voxels and back); a step costs a third
-    # of one at 4 mm (48x56x48), which this CPU could not train far enough
-    config.data.image_size = (32, 40, 32)
+    # the 2 mm MNI grid's extent (96x112x96 voxels) at 4 mm: the network sees scans resampled to
+    # about 4 mm (adreg-register resamples to this many voxels and back). The best field on a
+    # 6 mm grid cannot reach ANTs SyN's Dice on the real brain pairs, one on a 4 mm grid can
+    # (benchmarks/field_resolution.py)
+    config.data.image_size = (48, 56, 48)
     config.data.num_workers = 2  # as in the shipped run (any count reads the same batches)
     config.data.val_size = 4
     config.data.test_size = 16
     # both images in the atlas's own T1 contrast (see the docstring)
     config.data.synth_same_contrast = 1.0
     config.data.synth_real_contrast = 1.0
+    # what the affine stage leaves: the pair's map without an affine part, deformations that vary
+    # over 16-48 mm (mean 3-4 mm in the brain; a real pair after the affine stage needs 2.7-3.9)
+    config.data.synth_pair_affine = (0.0, 0.0, 0.0)
+    config.data.synth_pair_max_mm = 20.0
+    config.data.synth_scale_mm = (16.0, 48.0)
 
     config.loss.dice_weight = 1.0
     # the known field of each synthesised pair (mean end-point error, voxels): a dense target at
@@ -76,13 +95,13 @@ def get_config():
     # (val/folding_percent, < 0.1 % wanted): raise it if the field folds
     config.loss.smooth_weight = 1.0
 
-    config.train.learning_rate = 1e-3
+    config.train.learning_rate = 5e-4  # fine-tuning (stage 3 above); 1e-3 from scratch
     config.train.steps_per_epoch = 250
     config.train.lr_decay_epochs = 4  # halve the rate every 1000 steps
-    config.train.max_steps = 5200
+    config.train.max_steps = 2250
     config.train.log_every = 25
-    config.train.eval_every = 200
-    config.train.checkpoint_every = 200
+    config.train.eval_every = 150
+    config.train.checkpoint_every = 150
     config.train.best_metric = "val/dice"
     config.train.early_stopping_patience = 0
     return config
