@@ -10,8 +10,9 @@ of that resolution. This measures the best one instance optimisation finds: ``ad
 and white matter) with the deformable levels ending at the grid's spacing (``--levels 2G G``, G
 the grid spacing in voxels of the 1 mm fixed scan), the field on the images' own grid
 (``--grid-factor 1``, as a network's), 60 and 100 Adam steps. Rows: the affine stage alone,
-then each grid spacing. The brain model's grid is about 6 mm (``configs/brain.py``: 32x40x32 over
-the MNI extent). ANTs SyN's Dice on these pairs is in the README (real_scans.py).
+then each grid spacing. The brain model's grid is about 4 mm (``configs/brain.py``: 48x56x48 over
+the MNI extent; its first version's 6 mm). ANTs SyN's Dice on these pairs is in the README
+(real_scans.py).
 
 Needs ``../shared/data`` (see its README; nothing here is packaged).
 """
