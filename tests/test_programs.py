@@ -111,6 +111,38 @@ def test_the_commands_compilation_cache_reads_back_without_warnings(tmp_path):
     assert list(tmp_path.glob("*-cache")), "nothing was written to JAX's cache"
 
 
+def test_a_cache_written_without_a_size_limit_still_takes_new_programs(tmp_path):
+    # entries of a cache written without JAX's size limit (adreg_jax before it) have no access
+    # time; JAX's eviction then failed on every write, which only warned: nothing new was kept
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp; "
+        f"jax.config.update('jax_compilation_cache_dir', {str(tmp_path)!r}); "
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0); "
+        "print(float(jax.jit(lambda x: jnp.cos(x) + 1)(jnp.ones(3)).sum()))"
+    )
+    then = (
+        "from adreg_jax.registration import commands; import jax, jax.numpy as jnp; "
+        f"commands._enable_compilation_cache({str(tmp_path)!r}); "
+        "print(float(jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(4)).sum()))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # conftest's
+    for source in (code, then):
+        result = subprocess.run(
+            [sys.executable, "-W", "error::UserWarning", "-c", source],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    entries = list(tmp_path.glob("*-cache"))
+    assert len(entries) >= 2, entries  # the second program was written beside the first
+    assert all(e.with_name(e.name[: -len("-cache")] + "-atime").exists() for e in entries)
+
+
 def test_without_a_folder_it_is_jax_jit(folder):
     programs.set_directory(None)
     double = programs.jit(lambda x: 2 * x)

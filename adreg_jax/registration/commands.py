@@ -246,6 +246,24 @@ def _enable_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     # JAX deletes its least recently used entries beyond this (programs.MAX_BYTES for ours)
     jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    _give_access_times(Path(directory))
+
+
+def _give_access_times(directory: Path) -> None:
+    """An access time for each entry of JAX's cache in ``directory`` that has none, its file's
+    modification time: entries written without a size limit (by adreg_jax before the limit, or
+    by any JAX with the folder as its cache) have none, and with one missing JAX's eviction
+    fails, so every later write to the cache only warned and was lost (every command compiled
+    again what it had not cached before)."""
+    if not directory.is_dir():
+        return
+    for entry in directory.glob("*-cache"):
+        stamp = entry.with_name(entry.name.removesuffix("-cache") + "-atime")
+        if not stamp.exists():
+            try:
+                stamp.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, "little"))
+            except OSError:  # a read-only or vanishing entry: JAX warns about it as before
+                pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
