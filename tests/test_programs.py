@@ -87,57 +87,56 @@ def test_the_least_recently_used_programs_go_beyond_the_limit(folder, monkeypatc
     assert new[0].stat().st_mtime > 1e9
 
 
-def test_the_commands_compilation_cache_reads_back_without_warnings(tmp_path):
-    # JAX's size limit on its cache needs the filelock package; without it every cache read
-    # and write only warned (a fresh install compiled everything again, every time)
+def run_without_warnings(code: str) -> None:
+    """Run ``code`` in a fresh Python with every UserWarning an error (a cache read or write
+    that fails only warns) and without conftest's JAX_COMPILATION_CACHE_DIR."""
     import os
     import subprocess
     import sys
 
-    code = (
-        "from adreg_jax.registration import commands; import jax, jax.numpy as jnp; "
-        f"commands._enable_compilation_cache({str(tmp_path)!r}); "
-        "print(float(jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).sum()))"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    result = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
     )
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # conftest's
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def commands_cache_program(directory, body: str) -> str:
+    """Code that enables the commands' compilation cache in ``directory`` and runs ``body``."""
+    return (
+        "from adreg_jax.registration import commands; import jax, jax.numpy as jnp; "
+        f"commands._enable_compilation_cache({str(directory)!r}); print({body})"
+    )
+
+
+def test_the_commands_compilation_cache_reads_back_without_warnings(tmp_path):
+    # JAX's size limit on its cache needs the filelock package; without it every cache read
+    # and write only warned (a fresh install compiled everything again, every time)
+    code = commands_cache_program(
+        tmp_path, "float(jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).sum())"
+    )
     for _ in range(2):  # the first writes the cache, the second reads it
-        result = subprocess.run(
-            [sys.executable, "-W", "error::UserWarning", "-c", code],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
+        run_without_warnings(code)
     assert list(tmp_path.glob("*-cache")), "nothing was written to JAX's cache"
 
 
 def test_a_cache_written_without_a_size_limit_still_takes_new_programs(tmp_path):
     # entries of a cache written without JAX's size limit (adreg_jax before it) have no access
     # time; JAX's eviction then failed on every write, which only warned: nothing new was kept
-    import os
-    import subprocess
-    import sys
-
-    code = (
+    run_without_warnings(
         "import jax, jax.numpy as jnp; "
         f"jax.config.update('jax_compilation_cache_dir', {str(tmp_path)!r}); "
         "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0); "
         "print(float(jax.jit(lambda x: jnp.cos(x) + 1)(jnp.ones(3)).sum()))"
     )
-    then = (
-        "from adreg_jax.registration import commands; import jax, jax.numpy as jnp; "
-        f"commands._enable_compilation_cache({str(tmp_path)!r}); "
-        "print(float(jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(4)).sum()))"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # conftest's
-    for source in (code, then):
-        result = subprocess.run(
-            [sys.executable, "-W", "error::UserWarning", "-c", source],
-            capture_output=True,
-            text=True,
-            env=env,
+    run_without_warnings(
+        commands_cache_program(
+            tmp_path, "float(jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(4)).sum())"
         )
-        assert result.returncode == 0, result.stderr[-2000:]
+    )
     entries = list(tmp_path.glob("*-cache"))
     assert len(entries) >= 2, entries  # the second program was written beside the first
     assert all(e.with_name(e.name[: -len("-cache")] + "-atime").exists() for e in entries)
