@@ -405,11 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     data = Path(args.data).resolve()
-    if args.real_pairs and not (data / "brain" / "test_scan.npz").is_file():
-        print(
-            f"error: {data} does not hold the shared real scans (brain/test_scan.npz)",
-            file=sys.stderr,
-        )
+    if args.real_pairs and real_scans.shared_data(args.data) is None:
         return 1
     from absl import logging
 

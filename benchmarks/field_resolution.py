@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from real_scans import DATA, pair_argv, prepare_brain
+from real_scans import DATA, pair_argv, prepare_brain, shared_data
 from registration_outputs import command
 
 
@@ -44,9 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--mm", type=int, nargs="+", default=[6, 4, 3])
     args = parser.parse_args(argv)
-    data = Path(args.data).resolve()
-    if not (data / "brain" / "test_scan.npz").is_file():
-        print(f"error: {data} does not hold the shared real scans", file=sys.stderr)
+    data = shared_data(args.data)
+    if data is None:
         return 1
     with tempfile.TemporaryDirectory(prefix="field_resolution_") as work:
         work = Path(work)

@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives beside adreg_jax/
 
-from real_scans import DATA, prepare_brain  # noqa: E402
+from real_scans import DATA, prepare_brain, shared_data  # noqa: E402
 
 from adreg_jax.data import build_dataset  # noqa: E402
 from adreg_jax.data.generated import _resample  # noqa: E402
@@ -114,9 +114,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", type=int, default=3, help="pairs per source")
     parser.add_argument("--data", default=str(DATA))
     args = parser.parse_args(argv)
-    data = Path(args.data).resolve()
-    if not (data / "brain" / "test_scan.npz").is_file():
-        print(f"error: {data} does not hold the shared real scans", file=sys.stderr)
+    data = shared_data(args.data)
+    if data is None:
         return 1
     with tempfile.TemporaryDirectory(prefix="known_field_") as work:
         pairs = prepare_brain(data, Path(work))

@@ -90,6 +90,16 @@ PAIRS = (
 )
 
 
+def shared_data(path: str) -> Path | None:
+    """``path`` resolved when it holds the shared real scans (``brain/test_scan.npz``); else
+    None, with the error printed (a benchmark then exits with 1)."""
+    data = Path(path).resolve()
+    if (data / "brain" / "test_scan.npz").is_file():
+        return data
+    print(f"error: {data} does not hold the real scans (brain/test_scan.npz)", file=sys.stderr)
+    return None
+
+
 def read_mha(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A MetaImage (.mha, one file, optionally zlib-compressed) -> (array (x, y, z), spacing,
     offset)."""
@@ -563,12 +573,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-ants", action="store_true")
     args = parser.parse_args(argv)
     commands.keep_freed_memory()  # as the adreg-register console script does
-    data = Path(args.data).resolve()
-    if not (data / "brain" / "test_scan.npz").is_file():
-        print(
-            f"error: {data} does not hold the shared real scans (brain/test_scan.npz)",
-            file=sys.stderr,
-        )
+    data = shared_data(args.data)
+    if data is None:
         return 1
     unknown = sorted(set(args.pairs) - set(PAIRS))
     if unknown:

@@ -31,6 +31,7 @@ from real_scans import (
     prepare_lung,
     prepare_lung_dirlab,
     prepare_multimodal,
+    shared_data,
 )
 from registration_outputs import command
 
@@ -44,9 +45,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per pair")
     parser.add_argument("--flags", default="", help="more adreg-register flags, one string")
     args = parser.parse_args(argv)
-    data = Path(args.data).resolve()
-    if not (data / "brain" / "test_scan.npz").is_file():
-        print(f"error: {data} does not hold the shared real scans", file=sys.stderr)
+    data = shared_data(args.data)
+    if data is None:
         return 1
     with tempfile.TemporaryDirectory(prefix="whole_commands_") as work:
         work = Path(work)
