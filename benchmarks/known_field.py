@@ -16,9 +16,10 @@ configuration (``data.*``, ``test`` split; for a packaged model, which keeps onl
 
 Reported per image source, in the brain: the mean end-point error in mm before (zero field) and
 after, and the cosine between the network's field and the true one (1: same direction
-everywhere). The first shipped model, trained on bends of the whole brain (the synthesised
-deformations' bug fixed on 2026-11-28, ``data.synth_scale_mm``), gave 0.79 on synthesised pairs
-(mostly affine ones, as it was trained on) and 0.53 / 0.44 on the real scans.
+everywhere). With 3 pairs per source (2026-11-28): the first version of the brain model, trained
+on bends of the whole brain (the generator's bug, fixed since: ``data.synth_scale_mm``), 0.83 on
+its own, mostly affine, pairs and 0.43 / 0.36 on the real scans; the second, 0.56 on its own
+and 0.68 / 0.65 on the real scans.
 
 Needs ``../shared/data`` (see its README; nothing here is packaged).
 """
