@@ -188,7 +188,7 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, seed: int) -> gra
             real_contrast=float(data.synth_real_contrast),
             pair_max_mm=float(data.get("synth_pair_max_mm", data.synth_max_mm)),
             pair_affine=tuple(float(a) for a in data.get("synth_pair_affine", data.synth_affine)),
-            scale_mm=tuple(float(a) for a in data.get("synth_scale_mm", (32.0, 32.0))),
+            scale_mm=tuple(float(a) for a in data.get("synth_scale_mm", synth.SCALE_MM)),
         )
         return grain.MapDataset.source(source)
     if data.dataset == "generated_lung":

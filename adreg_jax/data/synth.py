@@ -53,6 +53,9 @@ from adreg_jax.data.preprocess import crop_or_pad
 FULL_EXTENT = (96, 112, 96)  # voxels of 2 mm: 192 x 224 x 192 mm, the MNI152 2 mm grid's extent
 SUBLABELS = 4  # fine label = 4 * tissue + sub-label; tissue = fine // 4 (0: background, shell)
 SYNTH_LABELS = BRAIN_LABELS  # evaluated with Dice: CSF, GM, WM
+# mm between the control points of a smooth deformation, (low, high), log-uniform: 32 mm is what
+# the 2 mm MNI grid had before this was set in mm (configs/default.py's data.synth_scale_mm)
+SCALE_MM = (32.0, 32.0)
 
 
 def atlas_on_grid(
@@ -124,7 +127,7 @@ def subject_ddf(
     spacing: np.ndarray,
     max_mm: float,
     affine: Sequence[float],
-    scale_mm: Sequence[float] = (32.0, 32.0),
+    scale_mm: Sequence[float] = SCALE_MM,
 ) -> np.ndarray:
     """The DDF (D, H, W, 3) in voxels of one random subject: q(p) = A(p + phi(p)), with phi a
     smooth diffeomorphism whose velocity's largest component is uniform in [max_mm / 4, max_mm]
@@ -220,7 +223,7 @@ class SynthBrainPairs:
     real_contrast: float = 0.2
     pair_max_mm: float | None = None
     pair_affine: tuple[float, float, float] | None = None
-    scale_mm: tuple[float, float] = (32.0, 32.0)
+    scale_mm: tuple[float, float] = SCALE_MM
 
     def __post_init__(self):
         self.shape = tuple(int(n) for n in self.shape)
