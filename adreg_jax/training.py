@@ -244,7 +244,8 @@ def _initialised_from(
 def _check_workdir(workdir: Path, config) -> None:
     """Refuse a workdir that holds another config's run, unless train.overwrite is set (the
     model, data and loss sections must match, but for ``_SPEED_ONLY`` data fields and fields
-    that the run's saved config does not have: added to the code since, at their defaults)."""
+    that the run's saved config does not have, added to the code since: those are not compared,
+    so a value given for one on the command line is taken as it is)."""
     saved = workdir / "config.json"
     if not saved.exists():
         return
@@ -253,7 +254,7 @@ def _check_workdir(workdir: Path, config) -> None:
     for run in (previous, current):
         for field in _SPEED_ONLY:
             run.get("data", {}).pop(field, None)
-    for section in ("model", "data", "loss"):  # fields added since the run began: at defaults
+    for section in ("model", "data", "loss"):  # fields added since the run began: not compared
         for field in set(current.get(section, {})) - set(previous.get(section, {})):
             current[section].pop(field)
     differs = [s for s in ("model", "data", "loss") if previous.get(s) != current.get(s)]
