@@ -142,6 +142,29 @@ def test_a_cache_written_without_a_size_limit_still_takes_new_programs(tmp_path)
     assert all(e.with_name(e.name[: -len("-cache")] + "-atime").exists() for e in entries)
 
 
+def test_programs_compile_without_ynnpack_fusions_and_compute_the_same(folder):
+    """On a CPU the programs are compiled without XLA's YNNPACK fusions (``programs``
+    docstring: slower here), from disk or not, and give jax.jit's values."""
+    from adreg_jax import ops
+
+    if programs.compiler_options() is None:
+        pytest.skip("not a CPU, or this jaxlib has no YNNPACK fusion option")
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.random((1, 12, 10, 8, 1)), jnp.float32) for _ in range(2))
+
+    def gradient(x, y):
+        return jax.grad(lambda x: ops.mutual_information(x, y)[0])(x)
+
+    want = jax.jit(gradient)(a, b)
+    for directory in (folder, None):
+        programs.set_directory(directory)
+        program = programs.jit(gradient)
+        np.testing.assert_allclose(program(a, b), want, rtol=1e-4, atol=1e-6)
+        assert "__ynn_fusion" not in program.lower(a, b).compile().as_text()
+    # what the option removes: jax.jit's own executable has them
+    assert "__ynn_fusion" in jax.jit(gradient).lower(a, b).compile().as_text()
+
+
 def test_without_a_folder_it_is_jax_jit(folder):
     programs.set_directory(None)
     double = programs.jit(lambda x: 2 * x)

@@ -211,7 +211,7 @@ def test_resize_linear_matches_jax_image_resize():
 def test_the_deformable_steps_shortcuts_give_the_plain_values_and_gradients():
     """What the deformable step does for speed computes what the plain code does: the warp's
     cells computed once (``index_once``), the image gradient's in-place scatter-adds (against
-    autodiff of gathers), and NCC with the fixed image's box sums reused."""
+    autodiff of gathers), NCC with the fixed image's box sums reused, MI with its Parzen weights."""
     import jax
     import jax.numpy as jnp
 
@@ -266,7 +266,13 @@ def test_the_deformable_steps_shortcuts_give_the_plain_values_and_gradients():
     np.testing.assert_allclose(
         ncc(a, b, stats=fixed_statistics("ncc", b)), ncc(a, b), rtol=1e-5, atol=1e-6
     )
-    assert fixed_statistics("mi", b) is None
+    mi = similarity_fn("mi")
+    mask = jnp.asarray(rng.random((1, 9, 10, 8, 1)) > 0.3, jnp.float32)
+    for weight in (None, mask):  # the fixed image's Parzen weights reused: same value, gradient
+        with_stats = jax.value_and_grad(mi)(a, b, weight, fixed_statistics("mi", b))
+        plain = jax.value_and_grad(mi)(a, b, weight)
+        for got, want in zip(with_stats, plain, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_smoothness_is_measured_in_millimetres():

@@ -31,6 +31,7 @@ from adreg_jax.ops.similarity import (
     ncc_local_map,
     ncc_local_maps,
     ncc_reference_stats,
+    parzen_weights,
     ssim,
 )
 
@@ -53,6 +54,7 @@ __all__ = [
     "ncc_local_maps",
     "ncc_reference_stats",
     "negative_jacobian_penalty",
+    "parzen_weights",
     "resize_ddf",
     "sample",
     "sample_ddf_at_points",

@@ -207,6 +207,31 @@ def ssim(
     return jnp.mean(num / den, axis=(-4, -3, -2, -1))
 
 
+def _check_bins(bins: int, sigma_ratio: float) -> None:
+    if bins < 2 or not sigma_ratio > 0:
+        raise ValueError(f"need bins >= 2 and sigma_ratio > 0; got {bins}, {sigma_ratio}")
+
+
+@functools.partial(jax.jit, static_argnames=("bins", "sigma_ratio", "value_range"))
+def parzen_weights(
+    x: jnp.ndarray,
+    bins: int = 32,
+    sigma_ratio: float = 0.5,
+    value_range: tuple[float, float] = (0.0, 1.0),
+) -> jnp.ndarray:
+    """Each intensity of x (..., D, H, W, C), clipped to ``value_range``, spread over ``bins``
+    evenly spaced centres with Gaussian weights (sigma = ``sigma_ratio`` * bin spacing)
+    normalised to sum 1: (..., D * H * W * C, bins). What ``mutual_information`` histograms; pass
+    an image's own as its ``b_weights`` to reuse them between calls (a fixed image)."""
+    _check_bins(bins, sigma_ratio)
+    low, high = value_range
+    centres = jnp.linspace(low, high, bins, dtype=jnp.float32)
+    sigma = sigma_ratio * (high - low) / (bins - 1)
+    x = jnp.clip(x.astype(jnp.float32).reshape(*x.shape[:-4], -1), low, high)
+    logits = -0.5 * jnp.square((x[..., None] - centres.reshape((1,) * x.ndim + (-1,))) / sigma)
+    return jax.nn.softmax(logits, axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=("bins", "sigma_ratio", "value_range"))
 def mutual_information(
     a: jnp.ndarray,
@@ -215,37 +240,31 @@ def mutual_information(
     sigma_ratio: float = 0.5,
     value_range: tuple[float, float] = (0.0, 1.0),
     weight: jnp.ndarray | None = None,
+    b_weights: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
     """Mutual information of the intensities of a and b in nats, by Parzen windowing.
 
-    Each intensity (clipped to ``value_range``) spreads over ``bins`` evenly spaced centres with
-    Gaussian weights (sigma = ``sigma_ratio`` * bin spacing) normalised to sum 1; the joint
-    histogram is the mean outer product of the two weight vectors over voxels (and channels), and
+    Each intensity spreads over ``bins`` centres (``parzen_weights``); the joint histogram is the
+    mean outer product of the two weight vectors over voxels (and channels), and
     ``MI = sum p(i, j) log(p(i, j) / (p(i) p(j)))``. Differentiable in both images; no assumption
     of a linear intensity relation, so it serves scans of different modalities (T1 to T2, MR to
     CT), as in MONAI's GlobalMutualInformationLoss and VoxelMorph's MutualInformation.
 
     ``weight`` (the shape of a, >= 0; e.g. a mask): each voxel's outer product counts ``weight``
     times and the joint histogram is divided by the weights' sum, so a 0/1 mask gives the MI of
-    the voxels inside it.
+    the voxels inside it. ``b_weights``: ``parzen_weights(b, bins, sigma_ratio, value_range)``
+    computed once for a b that does not change between calls (b is then not read again).
 
     Returns:
       (...) per leading index: 0 for independent images, the entropy of a for b = a.
     """
     check_same_shape(a, b, ("a", "b"))
-    if bins < 2 or not sigma_ratio > 0:
-        raise ValueError(f"need bins >= 2 and sigma_ratio > 0; got {bins}, {sigma_ratio}")
-    low, high = value_range
-    centres = jnp.linspace(low, high, bins, dtype=jnp.float32)
-    sigma = sigma_ratio * (high - low) / (bins - 1)
+    _check_bins(bins, sigma_ratio)
     lead = a.shape[:-4]
-
-    def weights(x):  # (..., N) -> (..., N, bins), rows summing to 1
-        x = jnp.clip(x.astype(jnp.float32).reshape(*lead, -1), low, high)
-        logits = -0.5 * jnp.square((x[..., None] - centres.reshape((1,) * x.ndim + (-1,))) / sigma)
-        return jax.nn.softmax(logits, axis=-1)
-
-    wa, wb = weights(a), weights(b)
+    wa = parzen_weights(a, bins, sigma_ratio, value_range)
+    wb = parzen_weights(b, bins, sigma_ratio, value_range) if b_weights is None else b_weights
+    if wb.shape != wa.shape:
+        raise ValueError(f"b_weights has shape {wb.shape}; expected {wa.shape} (parzen_weights)")
     if weight is None:
         joint = jnp.einsum("...ni,...nj->...ij", wa, wb) / wa.shape[-2]
     else:

@@ -21,7 +21,11 @@ from adreg_jax import ops
 from adreg_jax.registration import programs
 from adreg_jax.registration.deformable import apply_updates, lazy_adam, resize_image
 from adreg_jax.registration.levels import affine_levels, affine_steps, level_shape, level_voxels
-from adreg_jax.registration.similarity import global_correlation, similarity_fn
+from adreg_jax.registration.similarity import (
+    fixed_statistics,
+    global_correlation,
+    similarity_fn,
+)
 
 
 def affine_ddf(matrix: jnp.ndarray, translation: jnp.ndarray, shape: Sequence[int]):
@@ -96,9 +100,9 @@ def optimise_affine(
         grid = level_shape(shape, factor)
         fixed_l, moving_l = resize_image(fixed, grid), resize_image(moving, grid)
         masks_l = None if masks is None else tuple(resize_image(m, grid) for m in masks)
-        state = init(params)
+        state, stats = init(params, fixed_l)
         for _ in range(level_steps):
-            params, state, loss = step(params, state, fixed_l, moving_l, masks_l)
+            params, state, loss = step(params, state, fixed_l, moving_l, masks_l, stats)
             bar.update(1)
         if progress:
             bar.set_postfix(loss=f"{float(loss):.4f}")
@@ -115,12 +119,15 @@ def _affine_step(similarity: str, learning_rate: float):
     # here: it rewards the smoothing that magnification brings (measured: a rotated, shifted
     # textured phantom came out scaled by 0.95).
     if similarity == "ncc":
-        sim = global_correlation
+
+        def sim(a, b, weight, stats):
+            return global_correlation(a, b, weight)
+
     else:
         sim = similarity_fn(similarity)
     optimizer = lazy_adam(learning_rate)
 
-    def loss_fn(p, fixed, moving, masks):
+    def loss_fn(p, fixed, moving, masks, stats):
         ddf = affine_ddf(p["matrix"], p["translation"], fixed.shape[1:4])
         weight = None
         # index_once: the points, computed from the matrix, once per point rather than in each
@@ -128,17 +135,20 @@ def _affine_step(similarity: str, learning_rate: float):
         if masks is not None:  # inside the fixed mask, mapped inside the moving one
             fixed_mask, moving_mask = masks
             weight = fixed_mask * ops.warp(moving_mask, ddf, index_once=True)
-        return -sim(ops.warp(moving, ddf, index_once=True), fixed, weight)
+        return -sim(ops.warp(moving, ddf, index_once=True), fixed, weight, stats)
 
     @programs.jit(key=(similarity, learning_rate))
-    def step(p, state, fixed, moving, masks):
-        loss, grad = jax.value_and_grad(loss_fn)(p, fixed, moving, masks)
+    def step(p, state, fixed, moving, masks, stats):
+        loss, grad = jax.value_and_grad(loss_fn)(p, fixed, moving, masks, stats)
         updates, state = optimizer().update(grad, state, p)
         return apply_updates(p, updates), state, loss
 
     @programs.jit(key=(similarity, learning_rate))
-    def init(p):  # one program, not one per zeros_like
-        return optimizer().init(p)
+    def init(p, fixed):  # one program, not one per zeros_like
+        # what the similarity reuses of the level's fixed image at every step (``mi``: its
+        # Parzen weights); the global correlation has nothing worth keeping
+        stats = None if similarity == "ncc" else fixed_statistics(similarity, fixed)
+        return optimizer().init(p), stats
 
     return optimizer, step, init
 

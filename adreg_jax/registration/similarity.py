@@ -36,9 +36,13 @@ def global_correlation(a, b, weight=None):
 def fixed_statistics(name: str, fixed):
     """What ``similarity_fn(name)`` can reuse of the fixed image between calls (pass it as
     ``stats``): for ``ncc`` its local sums and variances (``ops.ncc_reference_stats``, 2 of the 5
-    box sums of every call), for ``mi`` nothing (None). The deformable stage computes them once
-    per level."""
-    return ops.ncc_reference_stats(fixed, NCC_WINDOW) if name == "ncc" else None
+    box sums of every call), for ``mi`` its Parzen weights (``ops.parzen_weights``, half the
+    histogramming of every call). The affine and deformable stages compute them once per level."""
+    if name == "ncc":
+        return ops.ncc_reference_stats(fixed, NCC_WINDOW)
+    if name == "mi":
+        return ops.parzen_weights(fixed, MI_BINS, MI_SIGMA_RATIO)
+    raise ValueError(f"--similarity {name!r}: expected one of {SIMILARITIES}")
 
 
 def similarity_fn(name: str):
@@ -59,7 +63,11 @@ def similarity_fn(name: str):
     if name == "mi":
 
         def mi(a, b, weight=None, stats=None):
-            return jnp.mean(ops.mutual_information(a, b, MI_BINS, MI_SIGMA_RATIO, weight=weight))
+            return jnp.mean(
+                ops.mutual_information(
+                    a, b, MI_BINS, MI_SIGMA_RATIO, weight=weight, b_weights=stats
+                )
+            )
 
         return mi
     raise ValueError(f"--similarity {name!r}: expected one of {SIMILARITIES}")
