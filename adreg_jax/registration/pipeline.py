@@ -33,7 +33,7 @@ from adreg_jax.data.nifti import read_points, save_nifti
 from adreg_jax.registration import programs
 from adreg_jax.registration.affine import affine_then, affine_warp, optimise_affine
 from adreg_jax.registration.deformable import (
-    DEFAULT_SMOOTH_WEIGHT,
+    default_smooth_weight,
     network_ddf,
     optimise_velocity,
     velocity_to_ddf,
@@ -276,7 +276,7 @@ def register_pair(
             similarity=args.similarity,
             learning_rate=args.learning_rate,
             smooth_weight=(
-                DEFAULT_SMOOTH_WEIGHT[modality["fixed"]]
+                default_smooth_weight(modality["fixed"], args.similarity)
                 if args.smooth_weight is None
                 else args.smooth_weight
             ),
