@@ -27,9 +27,10 @@ traced function, a call is a plain ``jax.jit`` call.
 On a CPU every program is compiled without XLA's YNNPACK fusions (``CPU_COMPILER_OPTIONS``):
 these programs are gathers, box sums, histograms and small reductions, not convolutions, and
 XLA:CPU (jaxlib 0.10.2) handed parts of them to YNNPACK with broadcast operands written out in
-full. Measured on the 2-core CPU, warm, 1 mm brain pairs: the T1 pair's registration 3.5 -> 2.9
-s, the T2-like pair's (mutual information) 17.6 -> 9.1 s; the gradient of the mutual information
-of two 40 x 56 x 48 images 81 -> 38 ms. The networks (``jax.jit`` of a Flax module, outside this
+full. Measured on the 2-core CPU, idle, warm, 1 mm brain pairs, the option set for the whole
+process (``XLA_FLAGS``): the T1 pair's registration 3.5 -> 2.9 s, the T2-like pair's (mutual
+information) 17.6 -> 9.1 s; the gradient of the mutual information of two 40 x 56 x 48 images
+81 -> 38 ms. The networks (``jax.jit`` of a Flax module, outside this
 module) keep them: their convolutions gain from YNNPACK.
 """
 
