@@ -41,8 +41,14 @@ How the shipped weights were made: three runs, each starting from the one before
        python train.py --config configs/brain.py --workdir runs/brain \
            --config.train.init_from=runs/brain_6mm
 
+Stage 3 continued (2026-11-28, the same command with ``--config.train.max_steps=20000``, stopped
+at step 4800, another 85 minutes): validation Dice 0.625 -> 0.636 (best, step 3900), end-point
+error 1.073 -> 1.062 voxels, but on the real brain pairs the network alone stayed where step 2250
+is (Dice 0.647 / 0.654 / 0.639 against 0.649 / 0.653 / 0.642), so it was not shipped: more
+steps of these pairs teach the synthesised anatomy, not two real ones.
+
 From scratch (the next GPU run): ``--config.train.learning_rate=1e-3`` and as many steps as the
-GPU gives (``train.max_steps``); the validation Dice was still rising when stage 3 stopped.
+GPU gives (``train.max_steps``); pairs of more varied anatomy than one atlas's are what it needs.
 Measured results: the model card (adreg_jax/weights/brain.md).
 
 Why NCC and the known field, measured earlier on this CPU (6 mm, validation pairs): the label
