@@ -329,6 +329,30 @@ def test_mutual_information_matches_reference_and_ignores_intensity_mapping():
     assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.abs(grad).max()) > 0
 
 
+def test_parzen_weights_gradient_is_autodiffs_of_the_plain_formula():
+    """``ops.parzen_weights`` has a hand-written backward pass: it must give autodiff's gradient
+    of the plain formula (clip, Gaussian logits, softmax), at the clip's bounds and beyond too."""
+    rng = np.random.default_rng(3)
+    x = rng.random((1, 6, 5, 4, 1)).astype(np.float32)
+    x[0, 0], x[0, 1], x[0, 2] = 0.0, 1.0, 1.4  # ties with the bounds, and outside
+    x[0, 3, 0] = -0.2
+    x = jnp.asarray(x)
+    bins, ratio = 16, 0.7
+    centres = np.linspace(0.0, 1.0, bins, dtype=np.float32).reshape(1, 1, bins)
+    sigma = ratio / (bins - 1)
+
+    def plain(v):
+        v = jnp.clip(v.reshape(1, -1), 0.0, 1.0)[..., None]
+        return jax.nn.softmax(-0.5 * ((v - centres) / sigma) ** 2, axis=-1)
+
+    cotangent = jnp.asarray(rng.normal(size=(1, x.size, bins)), jnp.float32)
+    np.testing.assert_allclose(ops.parzen_weights(x, bins, ratio), plain(x), atol=1e-6)
+    got = jax.grad(lambda v: jnp.sum(ops.parzen_weights(v, bins, ratio) * cotangent))(x)
+    want = jax.grad(lambda v: jnp.sum(plain(v) * cotangent))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    assert float(jnp.abs(got[0, 2]).max()) == 0.0  # beyond the range: clipped, no gradient
+
+
 # --- Dice and TRE --------------------------------------------------------------------------------
 
 

@@ -224,12 +224,48 @@ def parzen_weights(
     normalised to sum 1: (..., D * H * W * C, bins). What ``mutual_information`` histograms; pass
     an image's own as its ``b_weights`` to reuse them between calls (a fixed image)."""
     _check_bins(bins, sigma_ratio)
+    x = x.astype(jnp.float32).reshape(*x.shape[:-4], -1)
+    return _parzen(x, bins, float(sigma_ratio), tuple(map(float, value_range)))
+
+
+def _parzen_centres(bins, sigma_ratio, value_range, ndim):
+    """(the bins' centres along the last of ``ndim`` axes, the Gaussian's sigma) of
+    ``parzen_weights``."""
     low, high = value_range
-    centres = jnp.linspace(low, high, bins, dtype=jnp.float32)
-    sigma = sigma_ratio * (high - low) / (bins - 1)
-    x = jnp.clip(x.astype(jnp.float32).reshape(*x.shape[:-4], -1), low, high)
-    logits = -0.5 * jnp.square((x[..., None] - centres.reshape((1,) * x.ndim + (-1,))) / sigma)
-    return jax.nn.softmax(logits, axis=-1)
+    centres = jnp.linspace(low, high, bins, dtype=jnp.float32).reshape((1,) * (ndim - 1) + (-1,))
+    return centres, sigma_ratio * (high - low) / (bins - 1)
+
+
+def _parzen_forward(x, bins, sigma_ratio, value_range):
+    low, high = value_range
+    centres, sigma = _parzen_centres(bins, sigma_ratio, value_range, x.ndim + 1)
+    logits = -0.5 * jnp.square((jnp.clip(x, low, high)[..., None] - centres) / sigma)
+    weights = jax.nn.softmax(logits, axis=-1)
+    return weights, (x, weights)
+
+
+def _parzen_backward(bins, sigma_ratio, value_range, residuals, cotangent):
+    """The softmax of Gaussian logits has dw_i/dx = w_i (c_i - sum_j w_j c_j) / sigma^2: two
+    sums over the bins per voxel, where autodiff's softmax and logit gradients made several
+    (the gradient of a 40 x 56 x 48 image's MI 16 -> 10.5 ms on the 2-core CPU). The clip's
+    derivative as jnp.clip's: 1 inside, 1/2 at a bound (max/min ties), 0 outside."""
+    x, weights = residuals
+    low, high = value_range
+    centres, sigma = _parzen_centres(bins, sigma_ratio, value_range, weights.ndim)
+    weighted = cotangent * weights
+    mean = jnp.sum(weights * centres, axis=-1)
+    dx = (jnp.sum(weighted * centres, axis=-1) - mean * jnp.sum(weighted, axis=-1)) / sigma**2
+    inside = jnp.where((x > low) & (x < high), 1.0, jnp.where((x == low) | (x == high), 0.5, 0.0))
+    return (dx * inside,)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _parzen(x, bins, sigma_ratio, value_range):
+    """``parzen_weights`` of x (..., N) -> (..., N, bins), with ``_parzen_backward``."""
+    return _parzen_forward(x, bins, sigma_ratio, value_range)[0]
+
+
+_parzen.defvjp(_parzen_forward, _parzen_backward)
 
 
 @functools.partial(jax.jit, static_argnames=("bins", "sigma_ratio", "value_range"))
