@@ -143,14 +143,14 @@ class Program:
         return getattr(self._jitted, name)
 
     def __call__(self, *args, **kwargs):
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
+        dynamic = tuple(arg for i, arg in enumerate(args) if i not in self._static)
+        leaves, tree = jax.tree.flatten(dynamic)  # once per call: this is every Adam step's path
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves + jax.tree.leaves(kwargs)):
             return self._nested(*args, **kwargs)  # inside another program
         folder = _directory
         if folder is None or kwargs:
             return self._jitted(*args, **kwargs)
-        dynamic = tuple(arg for i, arg in enumerate(args) if i not in self._static)
         static = tuple(arg for i, arg in enumerate(args) if i in self._static)
-        leaves, tree = jax.tree.flatten(dynamic)
         default = _default_device()
         signature = [_leaf_signature(leaf, default.id) for leaf in leaves]
         if any(leaf[3] for leaf in signature):  # arrays elsewhere than the default device
