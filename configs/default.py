@@ -66,6 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
     # (low, high) mm between the control points of every smooth deformation, log-uniform per map:
     # how local a deformation is, the same on any grid
     data.synth_scale_mm = (32.0, 32.0)
+    # a finer map inside every one of them: its largest velocity (mm, 0 = none) and (low, high)
+    # mm between its control points (synth.subject_ddf)
+    data.synth_detail_mm = 0.0
+    data.synth_detail_scale_mm = (8.0, 16.0)
     data.synth_same_contrast = 0.3  # probability that fixed and moving share one contrast
     data.synth_real_contrast = 0.2  # probability that a contrast is the atlas's own T1
     # generated lung phantom (adreg_jax.data.generated_lung)

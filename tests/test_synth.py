@@ -119,6 +119,42 @@ def test_subject_maps_are_the_affine_and_diffeomorphic_maps_asked_for():
     assert jacobian_det_numpy(ddf).min() > 0.0
 
 
+def relative_roughness(ddf):
+    """Mean |grad ddf| over mean |ddf - its mean|: 1 / the length (voxels) over which it varies."""
+    grads = np.stack([np.stack(np.gradient(ddf[..., k]), axis=-1) for k in range(3)], axis=-2)
+    centred = ddf - ddf.mean(axis=(0, 1, 2))
+    return np.linalg.norm(grads, axis=(-2, -1)).mean() / np.linalg.norm(centred, axis=-1).mean()
+
+
+def test_the_detail_map_is_finer_diffeomorphic_and_off_by_default():
+    spacing = np.asarray([2.0, 2.0, 2.0], np.float32)
+    still = (0.0, 0.0, 0.0)
+
+    def draw(max_mm, detail_mm, seed=0):
+        rng = np.random.default_rng(seed)
+        return synth.subject_ddf(rng, SMALL, spacing, max_mm, still, (32.0, 32.0), detail_mm)
+
+    coarse, detail = draw(8.0, 0.0), draw(0.0, 8.0)
+    assert np.abs(detail).max() > 0.5  # a deformation of its own, up to 8 mm = 4 voxels
+    assert jacobian_det_numpy(detail).min() > 0.0 and jacobian_det_numpy(draw(8.0, 8.0)).min() > 0
+    # control points 8-16 mm apart against 32 mm: it varies over a shorter length
+    assert relative_roughness(detail) > 1.5 * relative_roughness(coarse)
+    # off by default, and then no random number more is drawn: earlier recipes' pairs stay
+    rng = np.random.default_rng(0)
+    synth.subject_ddf(rng, SMALL, spacing, 8.0, still, (32.0, 32.0))
+    reference = rng.random()
+    rng = np.random.default_rng(0)
+    synth.subject_ddf(rng, SMALL, spacing, 8.0, still, (32.0, 32.0), 0.0)
+    assert rng.random() == reference
+    # the config field reaches both maps of a pair (the subject's and the pair's)
+    config = synth_config()
+    plain = build_dataset(config.data, "val", 0)[0]
+    config.data.synth_detail_mm = 6.0
+    detailed = build_dataset(config.data, "val", 0)[0]
+    assert not np.allclose(plain["true_ddf"], detailed["true_ddf"])
+    assert not np.array_equal(plain["moving_seg"], detailed["moving_seg"])
+
+
 def test_labels_follow_each_subjects_deformation():
     """Each image is drawn from its own label map: its intensities are explained by its own
     segmentation better than by the other subject's (differently deformed) one."""

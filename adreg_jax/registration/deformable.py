@@ -303,7 +303,7 @@ resize_ddf = programs.jit(ops.resize_ddf, static_argnums=1)
 
 
 @functools.lru_cache(maxsize=4)
-def _restored(checkpoint: str | None, model: str | None = None):
+def restored_network(checkpoint: str | None, model: str | None = None):
     """(config, jitted model.apply, variables) of a run directory (``checkpoint``) or of a
     packaged pretrained model (``model``, ``adreg_jax.pretrained``), restored once per process."""
     if model is not None:
@@ -345,7 +345,7 @@ def network_ddf(
     mm) in as many voxels as the run's training images (``config.data.image_size``); its field is
     resized (and rescaled per axis) back to the fixed grid.
     """
-    config, apply, variables = _restored(checkpoint, model)
+    config, apply, variables = restored_network(checkpoint, model)
     net_shape = network_grid(
         fixed.shape[1:4],
         spacing,
