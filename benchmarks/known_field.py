@@ -20,7 +20,8 @@ after, and the cosine between the network's field and the true one (1: same dire
 everywhere). With 3 pairs per source (2026-11-28): the first version of the brain model, trained
 on bends of the whole brain (the generator's bug, fixed since: ``data.synth_scale_mm``), 0.83 on
 its own, mostly affine, pairs and 0.43 / 0.36 on the real scans; the second, 0.56 on its own
-and 0.68 / 0.65 on the real scans.
+and 0.68 / 0.65 on the real scans (8-16 mm: 0.38 / 0.38); the third, trained with finer maps
+inside (``data.synth_detail_mm``), 0.55, 0.72 / 0.69 (8-16 mm: 0.42 / 0.41).
 
 Needs ``../shared/data`` (see its README; nothing here is packaged).
 """

@@ -10,16 +10,18 @@ Data: pairs synthesised from the packaged 2 mm MNI152 labels over the 2 mm MNI g
 to ``synth_max_mm`` after a small affine map) as the moving image and the same subject under a
 second, purely deformable map (what an affine stage leaves: ``synth_pair_affine`` = 0; mean 3-4
 mm in the brain, as a real pair needs after the affine stage) as the fixed one, so that the true
-field is known; every deformation varies over 16-48 mm (``synth_scale_mm``); intensities drawn
-per (sub-)label with blur, bias field, gamma and noise. Both images take the atlas's own T1
+field is known; every deformation varies over 16-48 mm (``synth_scale_mm``) and has a finer map
+inside it, up to 8 mm over 8-16 mm (``synth_detail_mm``, ``synth_detail_scale_mm``): each subject
+and each pair's field differ in detail too, as two anatomies do; intensities drawn per
+(sub-)label with blur, bias field, gamma and noise. Both images take the atlas's own T1
 contrast (``synth_same_contrast`` = ``synth_real_contrast`` = 1): the brain pairs people register
 are T1 pairs, and matching is learnt far sooner on one contrast (for any contrast, lower both).
 Loss: local NCC + soft Dice over CSF, grey and white matter + the mean end-point error against
 the known field (``loss.ddf_weight``), with the diffusion regulariser and the negative-Jacobian
 penalty.
 
-How the shipped weights were made: three runs, each starting from the one before
-(``train.init_from``), the first on a GPU, the other two on the 2-core CPU.
+How the shipped weights were made: four runs, each starting from the one before
+(``train.init_from``), the first on a GPU, the other three on the 2-core CPU.
 
 1. The first shipped model (commit dc47378's ``configs/brain.py``: 6 mm, 32 x 40 x 32, pairs
    with an affine part, 1e-3), the full model of the ablation study, 5200 steps on one H200 GPU
@@ -35,17 +37,25 @@ How the shipped weights were made: three runs, each starting from the one before
            --config.train.learning_rate=3e-4 --config.train.max_steps=400 \
            --config.train.eval_every=200 --config.train.checkpoint_every=200
 
-3. This config, from step 2: 2250 steps at about 2 s each (80 minutes; best and last: step
-   2250, validation Dice 0.592 -> 0.625, end-point error 1.175 -> 1.073 voxels):
+3. 4 mm, no detail maps, 5e-4, from step 2: 2250 steps at about 2 s each (80 minutes; best and
+   last: step 2250, validation Dice 0.592 -> 0.625, end-point error 1.175 -> 1.073 voxels), the
+   second shipped version (``git show e1a2726:adreg_jax/weights/brain.npz > brain_v2.npz``):
 
        python train.py --config configs/brain.py --workdir runs/brain \
-           --config.train.init_from=runs/brain_6mm
+           --config.train.init_from=runs/brain_6mm --config.data.synth_detail_mm=0 \
+           --config.train.learning_rate=5e-4 --config.train.max_steps=2250
 
-Stage 3 continued (2026-11-28, the same command with ``--config.train.max_steps=20000``, stopped
-at step 4800, another 85 minutes): validation Dice 0.625 -> 0.636 (best, step 3900), end-point
-error 1.073 -> 1.062 voxels, but on the real brain pairs the network alone stayed where step 2250
-is (Dice 0.647 / 0.654 / 0.639 against 0.649 / 0.653 / 0.642), so it was not shipped: more
-steps of these pairs teach the synthesised anatomy, not two real ones.
+   Continued to step 4800 (another 85 minutes): validation Dice 0.636 at best (step 3900) and
+   the real brain pairs unchanged (network alone 0.647 / 0.654 / 0.639 against 0.649 / 0.653 /
+   0.642), not shipped: more steps of these pairs taught the synthesised anatomy, not two real
+   ones. Known fields showed what they lacked: the network found fields of 16-48 mm on the real
+   scans (cosine 0.68) but hardly any of 8-16 mm (0.38; ``benchmarks/known_field.py``).
+4. This config (detail maps, 3e-4), from step 3: stopped at step 1650 (2.1 s a step, 58
+   minutes; the validation Dice had been flat since step 1050), exported: the best by validation
+   Dice, step 1200 (0.668 -> 0.701 on these pairs; end-point error 0.948 -> 0.882 voxels):
+
+       python train.py --config configs/brain.py --workdir runs/brain_detail \
+           --config.train.init_from=brain_v2.npz
 
 From scratch (the next GPU run): ``--config.train.learning_rate=1e-3`` and as many steps as the
 GPU gives (``train.max_steps``); pairs of more varied anatomy than one atlas's are what it needs.
@@ -88,6 +98,10 @@ def get_config():
     config.data.synth_pair_affine = (0.0, 0.0, 0.0)
     config.data.synth_pair_max_mm = 20.0
     config.data.synth_scale_mm = (16.0, 48.0)
+    # and inside each of those maps a finer one (up to 8 mm over 8-16 mm): without it the network
+    # found next to none of a real scan's known 8-16 mm field (benchmarks/known_field.py)
+    config.data.synth_detail_mm = 8.0
+    config.data.synth_detail_scale_mm = (8.0, 16.0)
 
     config.loss.dice_weight = 1.0
     # the known field of each synthesised pair (mean end-point error, voxels): a dense target at
@@ -101,10 +115,10 @@ def get_config():
     # (val/folding_percent, < 0.1 % wanted): raise it if the field folds
     config.loss.smooth_weight = 1.0
 
-    config.train.learning_rate = 5e-4  # fine-tuning (stage 3 above); 1e-3 from scratch
+    config.train.learning_rate = 3e-4  # fine-tuning (stage 4 above); 1e-3 from scratch
     config.train.steps_per_epoch = 250
     config.train.lr_decay_epochs = 4  # halve the rate every 1000 steps
-    config.train.max_steps = 2250
+    config.train.max_steps = 1650
     config.train.log_every = 25
     config.train.eval_every = 150
     config.train.checkpoint_every = 150
