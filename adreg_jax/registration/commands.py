@@ -200,7 +200,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--smooth-weight",
         type=float,
         default=None,
-        help="weight of the velocity's smoothness (its gradient in mm per mm; default 1 for CT, "
+        help="weight of the velocity's smoothness (its gradient in mm per mm; default 4 for CT, "
         "0.25 for MR, at least 1 with --similarity mi)",
     )
     parser.add_argument(
