@@ -34,6 +34,7 @@ How the shipped weights were made: four runs, each starting from the one before
 
        python train.py --config configs/brain.py --workdir runs/brain_6mm \
            --config.data.image_size="(32,40,32)" --config.train.init_from=brain_v1.npz \
+           --config.data.synth_detail_mm=0 \
            --config.train.learning_rate=3e-4 --config.train.max_steps=400 \
            --config.train.eval_every=200 --config.train.checkpoint_every=200
 

@@ -27,11 +27,12 @@ __all__ = ["SIMILARITIES", "instance_optimise", "optimise_velocity", "similarity
 
 # Weight of the velocity's smoothness (its gradient in mm per mm) by the fixed scan's modality:
 # breathing moves the lungs smoothly, and the lungs' little texture leaves the similarity weak
-# there. Measured with the default levels (benchmarks/real_scans.py's TRE, mm), weight 0.25 / 1 /
-# 2 / 4 / 8 / 16 / 32: the small real CT 0.83 / 0.71 / 0.64 / 0.58 / 0.58 / 0.62 / 0.74, the
-# DIR-Lab-sized phantom 0.75 / 0.50 / 0.43 / 0.38 / 0.36 / 0.40 / 0.71 (2026-11-28); 4 stays
-# below where both turn (8-16), as real breathing (sliding at the chest wall) is less smooth
-# than these known motions. Inter-subject brain anatomy needs the freedom of 0.25.
+# there. Measured with the default levels (benchmarks/real_scans.py's TRE, mm), weight 1 / 2 / 4
+# / 8 / 16 / 32: the small real CT 0.71 / 0.64 / 0.58 / 0.58 / 0.62 / 0.74, the DIR-Lab-sized
+# phantom 0.50 / 0.43 / 0.38 / 0.36 / 0.40 / 0.71 (2026-11-28 15:45; at 0.25, in an earlier
+# round, 0.83 and 0.75); 4 stays below where both turn (8-16), as real breathing (sliding at the
+# chest wall) is less smooth than these known motions. Inter-subject brain anatomy needs the
+# freedom of 0.25.
 DEFAULT_SMOOTH_WEIGHT = {"ct": 4.0, "mr": 0.25}
 # With mutual information (``--similarity mi``), at least this, whatever the modality: its
 # gradient pulls harder than local NCC's (measured on the three MR pairs across contrasts of
