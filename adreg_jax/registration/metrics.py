@@ -13,7 +13,7 @@ import numpy as np
 from adreg_jax import ops
 from adreg_jax.registration import programs
 from adreg_jax.registration.deformable import resize_image
-from adreg_jax.registration.similarity import NCC_WINDOW, similarity_fn
+from adreg_jax.registration.similarity import NCC_WINDOW, fixed_statistics, similarity_fn
 
 
 def _ncc_pair(fixed, images, window: int):
@@ -50,7 +50,8 @@ def image_metrics(moving, warped, fixed, similarity: str, objective_shape=None):
         objective = _ncc_pair(fixed, (moving, warped), NCC_WINDOW)
     else:
         sim = similarity_fn(similarity)
-        objective = (sim(moving, fixed), sim(warped, fixed))
+        stats = fixed_statistics(similarity, fixed)  # once for both (MI: the Parzen weights)
+        objective = (sim(moving, fixed, stats=stats), sim(warped, fixed, stats=stats))
     return {
         "ncc_before": ncc_before,
         "ncc_after": ncc_after,
