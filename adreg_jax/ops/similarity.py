@@ -247,8 +247,9 @@ def _parzen_forward(x, bins, sigma_ratio, value_range):
 def _parzen_backward(bins, sigma_ratio, value_range, residuals, cotangent):
     """The softmax of Gaussian logits has dw_i/dx = w_i (c_i - sum_j w_j c_j) / sigma^2: two
     sums over the bins per voxel, where autodiff's softmax and logit gradients made several
-    (the gradient of a 40 x 56 x 48 image's MI 16 -> 10.5 ms on the 2-core CPU). The clip's
-    derivative as jnp.clip's: 1 inside, 1/2 at a bound (max/min ties), 0 outside."""
+    (the gradient of a 40 x 56 x 48 image's MI 16.6-17.9 -> 13.0-13.3 ms on the 2-core CPU,
+    docs/performance.md's fourth round). The clip's derivative as jnp.clip's: 1 inside, 1/2 at
+    a bound (max/min ties), 0 outside."""
     x, weights = residuals
     low, high = value_range
     centres, sigma = _parzen_centres(bins, sigma_ratio, value_range, weights.ndim)
