@@ -169,7 +169,7 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     killed = run_train(config_file, tmp_path / "killed")
     wait_for(tmp_path / "killed" / "checkpoints" / "2", killed)
     killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    killed.communicate()  # waits, and closes its output pipe
     # resumed with a Grain worker process where the killed run read in-process: the same batches
     resumed = run_train(config_file, tmp_path / "killed", "--config.data.num_workers=1")
     resumed_log = resumed.communicate(timeout=300)[0]
@@ -181,12 +181,13 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     _, _, expected = training.restore_for_inference(tmp_path / "reference", which="latest")
     for got, want in zip(jax.tree.leaves(final), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
-    lines = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").open()]
+    log = (tmp_path / "killed" / "metrics.jsonl").read_text()
+    lines = [json.loads(x) for x in log.splitlines()]
     assert any("val/dice" in line for line in lines)
 
     # the resumed steps read the batches the uninterrupted run read (each step's loss is its own)
     def losses(workdir):  # the last logged value per step: the resumed run's
-        logged = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+        logged = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
         return {line["step"]: line["train/loss"] for line in logged if "train/loss" in line}
 
     resumed_losses, reference_losses = losses(tmp_path / "killed"), losses(tmp_path / "reference")
