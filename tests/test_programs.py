@@ -156,10 +156,13 @@ def test_programs_compile_without_ynnpack_fusions_and_compute_the_same(folder):
         return jax.grad(lambda x: ops.mutual_information(x, y)[0])(x)
 
     want = jax.jit(gradient)(a, b)
+    # the fusions sum in another order: float32 rounding, relative to the gradient's scale (on
+    # an AMD EPYC one element of 960 differed by 1.5e-6 where the largest is 0.05)
+    atol = 1e-4 * float(jnp.abs(want).max())
     for directory in (folder, None):
         programs.set_directory(directory)
         program = programs.jit(gradient)
-        np.testing.assert_allclose(program(a, b), want, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(program(a, b), want, rtol=1e-4, atol=atol)
         assert "__ynn_fusion" not in program.lower(a, b).compile().as_text()
     # what the option removes: jax.jit's own executable has them
     assert "__ynn_fusion" in jax.jit(gradient).lower(a, b).compile().as_text()
