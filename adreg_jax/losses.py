@@ -76,6 +76,9 @@ def registration_loss(
 
     ``labels``: the data set's label ids (``data.dataset_labels``) of the soft Dice term, used
     when ``loss_config.dice_weight`` > 0 and the batch carries ``fixed_seg`` and ``moving_seg``.
+    The intensity terms (NCC, SSIM) count only the pairs whose ``same_contrast`` is 1 when the
+    batch carries that flag (``synth_brain``), each pair weighing 1 / batch size either way;
+    ``terms`` logs them over every pair.
     """
     warped, ddf, fixed = outputs["warped"], outputs["ddf"], batch["fixed"]
 
@@ -85,15 +88,21 @@ def registration_loss(
 
     ncc_in = reported_only(loss_config.ncc_weight, warped)
     ssim_in = reported_only(loss_config.ssim_weight, warped)
+    ncc = ops.ncc_local(ncc_in, fixed, window=int(loss_config.ncc_window))  # (B,)
+    ssim = ops.ssim(ssim_in, fixed)
+    # the intensity terms count only where fixed and moving share a contrast, when the batch
+    # says (synth_brain's "same_contrast"): across contrasts NCC and SSIM reward the wrong match
+    same = batch.get("same_contrast")
+    same = jnp.ones_like(ncc) if same is None else jnp.asarray(same, ncc.dtype).reshape(ncc.shape)
     terms = {
-        "ncc": jnp.mean(ops.ncc_local(ncc_in, fixed, window=int(loss_config.ncc_window))),
-        "ssim": jnp.mean(ops.ssim(ssim_in, fixed)),
+        "ncc": jnp.mean(ncc),
+        "ssim": jnp.mean(ssim),
         "smoothness": ops.smoothness(ddf),
         "negative_jacobian": ops.negative_jacobian_penalty(ddf),
     }
     loss = (
-        loss_config.ncc_weight * (1.0 - terms["ncc"])
-        + loss_config.ssim_weight * (1.0 - terms["ssim"])
+        loss_config.ncc_weight * jnp.mean(same * (1.0 - ncc))
+        + loss_config.ssim_weight * jnp.mean(same * (1.0 - ssim))
         + loss_config.smooth_weight * terms["smoothness"]
         + loss_config.jacobian_weight * terms["negative_jacobian"]
     )

@@ -37,7 +37,9 @@ def test_pairs_are_deterministic_and_shaped_as_generated_brains():
     config = synth_config()
     source = build_dataset(config.data, "val", seed=0)
     pair = source[1]
-    assert set(pair) == {"fixed", "moving", "fixed_seg", "moving_seg", "true_ddf", "spacing"}
+    assert set(pair) == {
+        "fixed", "moving", "fixed_seg", "moving_seg", "true_ddf", "spacing", "same_contrast"
+    }  # fmt: skip
     assert pair["true_ddf"].shape == (*SHAPE, 3) and pair["true_ddf"].dtype == np.float32
     for key in ("fixed", "moving"):
         assert pair[key].shape == (*SHAPE, 1) and pair[key].dtype == np.float32
@@ -218,6 +220,13 @@ def test_contrasts_differ_unless_shared_and_real_t1_is_in_the_mix():
         return [np.corrcoef(p["fixed"].ravel(), p["moving"].ravel())[0, 1] for p in pairs]
 
     independent, shared = correlations(0.0), correlations(1.0)
+    # the flag that tells the loss where an intensity similarity is right: set for a shared map
+    # and for the atlas's T1 drawn twice, not for two drawn maps
+    for same, real, flag in ((1.0, 0.0, 1.0), (0.0, 0.0, 0.0), (0.0, 1.0, 1.0)):
+        source = synth.SynthBrainPairs(
+            SHAPE, length=3, max_mm=0.0, same_contrast=same, real_contrast=real
+        )
+        assert [float(source[i]["same_contrast"]) for i in range(3)] == [flag] * 3
     assert min(independent) < 0.0  # some pair has an inverted contrast on the same anatomy
     assert np.mean(shared) > np.mean(independent) + 0.3
     t1, _, _ = synth.atlas_on_grid(SMALL)
@@ -316,6 +325,34 @@ def test_image_terms_weighted_zero_are_reported_without_gradient():
     assert 0.0 < float(terms["ncc"]) < 1.0 and np.isfinite(float(terms["ssim"]))
     for weights in ((1.0, 0.0), (0.0, 1.0)):
         assert float(jnp.abs(gradient(*weights)[0]).max()) > 0.0
+
+
+def test_image_terms_count_only_pairs_that_share_a_contrast():
+    """With a batch's ``same_contrast`` flags (synth_brain), NCC and SSIM enter the loss on the
+    flagged pairs only: a cross-contrast pair adds nothing to them and gets no gradient from
+    them; without flags every pair counts, as before."""
+    config = default.get_config()
+    config.loss.smooth_weight = config.loss.jacobian_weight = 0.0
+    rng = np.random.default_rng(1)
+    fixed = jnp.asarray(rng.uniform(size=(2, 12, 12, 12, 1)), jnp.float32)
+    warped = jnp.asarray(rng.uniform(size=(2, 12, 12, 12, 1)), jnp.float32)
+    ddf = jnp.zeros((2, 12, 12, 12, 3))
+
+    def loss(warped, flags):
+        batch = {"fixed": fixed} if flags is None else {"fixed": fixed, "same_contrast": flags}
+        return registration_loss({"warped": warped, "ddf": ddf}, batch, config.loss)
+
+    ncc = ops.ncc_local(warped, fixed, window=int(config.loss.ncc_window))
+    ssim = ops.ssim(warped, fixed)
+    expected_all = float(jnp.mean(1.0 - ncc) + jnp.mean(1.0 - ssim))
+    assert float(loss(warped, None)[0]) == pytest.approx(expected_all, rel=1e-5)
+    flags = jnp.asarray([1.0, 0.0])
+    value, terms = loss(warped, flags)
+    # the mean over the batch of the flagged pair's terms alone
+    assert float(value) == pytest.approx(float(2.0 - ncc[0] - ssim[0]) / 2.0, rel=1e-5)
+    assert float(terms["ncc"]) == pytest.approx(float(jnp.mean(ncc)), rel=1e-6)  # logged: all
+    grad = jax.grad(lambda w: loss(w, flags)[0])(warped)
+    assert float(jnp.abs(grad[0]).max()) > 0.0 and float(jnp.abs(grad[1]).max()) == 0.0
 
 
 def relative_gradient_per_mm(ddf: np.ndarray, spacing_mm: float) -> float:

@@ -25,6 +25,9 @@ One pair (deterministic from (seed, index)):
   true_ddf      U - id in voxels, the field that warps moving onto fixed (the pull convention of
                 DESIGN.md): a dense target for a supervised term (``loss.ddf_weight``) that
                 teaches a network far faster than the label overlap alone
+  same_contrast 1.0 where both images take one label -> intensity map (a shared map, or the
+                atlas's T1 twice), else 0.0: the pairs on which an intensity similarity such as
+                local NCC is a right loss (``losses.registration_loss`` counts it on those only)
 
 The grid: the atlas (cropped to the brain) is zero padded, centred, to ``FULL_EXTENT`` at its own
 2 mm (the extent of the 2 mm MNI grid, each side a multiple of 16), then resampled to the
@@ -277,7 +280,8 @@ class SynthBrainPairs:
             *detail,
         )
         fixed_ddf = compose(true_ddf, moving_ddf)
-        element = {"true_ddf": true_ddf}
+        same = shared or (contrasts[0]["means"] is None and contrasts[1]["means"] is None)
+        element = {"true_ddf": true_ddf, "same_contrast": np.float32(same)}
         for name, contrast, ddf in zip(
             ("fixed", "moving"), contrasts, (fixed_ddf, moving_ddf), strict=True
         ):
