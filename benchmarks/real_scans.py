@@ -45,11 +45,12 @@ Pairs (moving -> fixed):
 
 Methods: before; AD-RegNet (network only, ``--checkpoint``); AD-RegNet + instance optimisation;
 the packaged pretrained model (``--model NAME``: "AD-RegNet pretrained (NAME)", network only, and
-"AD-RegNet pretrained + instance opt."); one network-only row per ``--checkpoints NAME=RUN_DIR``
-(named NAME: the ablation variants, ``benchmarks/ablation.py``); instance optimisation alone (no
-trained model); the U-Net baseline (network only); ANTs SyN (antspyx
-``type_of_transform="SyN"``: affine + SyN, Mattes MI, the package's defaults). Every "+ instance
-opt." row and "instance opt. only" use ``--steps`` (default: the command's, chosen from the scan).
+"AD-RegNet pretrained + instance opt."; on the brain pairs, not the CT ones); one network-only
+row per ``--checkpoints NAME=RUN_DIR`` (named NAME: the ablation variants,
+``benchmarks/ablation.py``); instance optimisation alone (no trained model); the U-Net baseline
+(network only); ANTs SyN (antspyx ``type_of_transform="SyN"``: affine + SyN, Mattes MI, the
+package's defaults). Every "+ instance opt." row and "instance opt. only" use ``--steps``
+(default: the command's, chosen from the scan).
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ PAIRS = (
     "mni_t2_to_scan",
     "thick_slice",
 )
+
+# the CT pairs: a packaged model (``--model``, a brain model) is not run on them
+CT_PAIRS = ("lung", "lung_dirlab")
 
 
 def shared_data(path: str) -> Path | None:
@@ -612,6 +616,8 @@ def main(argv=None) -> int:
         pair = pairs[name]
         rows = {}
         for method, checkpoint, model, steps in methods:
+            if model and name in CT_PAIRS:
+                continue
             rows[method] = run_adreg(
                 pair,
                 out / name / method_dir(method),
