@@ -26,11 +26,13 @@ from pathlib import Path
 
 from real_scans import (
     DATA,
+    PAIRS,
     pair_argv,
     prepare_brain,
     prepare_lung,
     prepare_lung_dirlab,
     prepare_multimodal,
+    prepare_thick_slice,
     shared_data,
 )
 from registration_outputs import command
@@ -45,6 +47,10 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per pair")
     parser.add_argument("--flags", default="", help="more adreg-register flags, one string")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.pairs) - set(PAIRS))
+    if unknown:
+        print(f"error: unknown pairs {unknown}; known: {list(PAIRS)}", file=sys.stderr)
+        return 1
     data = shared_data(args.data)
     if data is None:
         return 1
@@ -54,10 +60,8 @@ def main(argv=None) -> int:
         pairs.update(prepare_multimodal(pairs, work))
         if "lung_dirlab" in args.pairs:
             pairs.update(prepare_lung_dirlab(work))
-        unknown = sorted(set(args.pairs) - set(pairs))
-        if unknown:
-            print(f"error: unknown pairs {unknown}; known: {sorted(pairs)}", file=sys.stderr)
-            return 1
+        if "thick_slice" in args.pairs:
+            pairs.update(prepare_thick_slice(data, work))
         print("| pair | wall s | registration s | accuracy | % det J <= 0 |")
         print("|---|---|---|---|---|")
         for name in args.pairs:
