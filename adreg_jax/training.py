@@ -245,7 +245,9 @@ def _check_workdir(workdir: Path, config) -> None:
     """Refuse a workdir that holds another config's run, unless train.overwrite is set (the
     model, data and loss sections must match, but for ``_SPEED_ONLY`` data fields and fields
     that the run's saved config does not have, added to the code since: those are not compared,
-    so a value given for one on the command line is taken as it is)."""
+    so a value given for one on the command line is taken as it is, and a line names them with
+    the values the resumed run takes: a field that changes the data or the loss changes what the
+    run sees from here on)."""
     saved = workdir / "config.json"
     if not saved.exists():
         return
@@ -254,10 +256,16 @@ def _check_workdir(workdir: Path, config) -> None:
     for run in (previous, current):
         for field in _SPEED_ONLY:
             run.get("data", {}).pop(field, None)
+    added = []
     for section in ("model", "data", "loss"):  # fields added since the run began: not compared
-        for field in set(current.get(section, {})) - set(previous.get(section, {})):
-            current[section].pop(field)
+        for field in sorted(set(current.get(section, {})) - set(previous.get(section, {}))):
+            added.append(f"{section}.{field}={current[section].pop(field)!r}")
     differs = [s for s in ("model", "data", "loss") if previous.get(s) != current.get(s)]
+    if added and not differs:
+        print(
+            f"{saved} predates config fields {', '.join(added)}: the resumed run takes these "
+            "values (the code's defaults unless given on the command line)"
+        )
     if not differs:
         return
     if config.train.overwrite:

@@ -206,6 +206,21 @@ def test_workdir_of_another_config_is_refused(tmp_path):
         training.train_and_evaluate(other, tmp_path)
 
 
+def test_a_run_saved_before_a_config_field_existed_resumes_and_names_it(tmp_path, capsys):
+    """A field added to the code after the run began is not compared (the run resumes), and a
+    line names it with the value the resumed run takes."""
+    config = tiny_config()
+    saved = json.loads(config.to_json_best_effort())
+    del saved["data"]["synth_detail_mm"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    training._check_workdir(tmp_path, config)
+    out = capsys.readouterr().out
+    assert "predates config fields data.synth_detail_mm=0.0" in out
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    training._check_workdir(tmp_path, config)  # a run saved with every field: silent
+    assert capsys.readouterr().out == ""
+
+
 def test_non_finite_loss_stops_the_run_with_a_clear_error(tmp_path, monkeypatch):
     real_make_iterator = training.make_iterator
 
