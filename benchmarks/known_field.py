@@ -21,7 +21,9 @@ everywhere). With 3 pairs per source (2026-11-28): the first version of the brai
 on bends of the whole brain (the generator's bug, fixed since: ``data.synth_scale_mm``), 0.83 on
 its own, mostly affine, pairs and 0.43 / 0.36 on the real scans; the second, 0.56 on its own
 and 0.68 / 0.65 on the real scans (8-16 mm: 0.38 / 0.38); the third, trained with finer maps
-inside (``data.synth_detail_mm``), 0.55, 0.72 / 0.69 (8-16 mm: 0.42 / 0.41).
+inside (``data.synth_detail_mm``), 0.55, 0.72 / 0.69 (8-16 mm: 0.42 / 0.41); the fourth (the
+third fine-tuned on mixed contrasts), 0.58 on the first 3 test pairs of ``configs/brain.py``
+(0.64 for the third), 0.66 / 0.66 (8-16 mm: 0.41 / 0.40).
 
 Needs ``../shared/data`` (see its README; nothing here is packaged).
 """
