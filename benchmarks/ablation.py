@@ -7,9 +7,13 @@ trained alike, evaluated on the same held-out pairs (and optionally on real brai
         --steps 200 --variants ad-regnet-full u-net-baseline
     python benchmarks/ablation.py --config configs/demo.py --workdir /tmp/ablation_smoke \\
         --steps 2 --image-size 16 16 16 --config.data.val_size=1 --config.data.test_size=4
-    # on one GPU, all five at once for 6 minutes (the README's table: 5200 steps on an H200)
-    python benchmarks/ablation.py --config configs/brain.py --workdir runs/gpu_ablation \\
-        --minutes 6 --config.data.num_workers=2
+    # on one GPU, all five at once for 7 minutes, then evaluated on another machine (the
+    # README's table: 7 + 4.5 minutes on an H200, cut at step 1200)
+    python benchmarks/ablation.py --config configs/brain.py --workdir runs/gpu_ablation_v4 \\
+        --minutes 7 --train-only --config.train.learning_rate=1e-3 --config.data.num_workers=3
+    python benchmarks/ablation.py --config configs/brain.py --workdir runs/gpu_ablation_v4 \\
+        --steps 1200 --checkpoint latest --config.train.learning_rate=1e-3 \\
+        --config.data.num_workers=3 --real-pairs mni_to_scan scan_to_mni mni_t2_to_scan
 
 Where this sits: for each variant, the config with that variant's ``config.model`` overrides ->
 ``training.train_and_evaluate`` in ``WORKDIR/<slug>`` (slugs: ``ad-regnet-full``,
@@ -28,7 +32,8 @@ each (``WORKDIR/<slug>/train.log``), for M minutes of wall time; then each is cu
 step that all of them validated and saved, which becomes the number of steps (a small model
 leaves one GPU mostly idle, and its data comes from the host's cores). The study is then
 finished, evaluated or extended to real pairs elsewhere with ``--steps`` set to that number and the
-same overrides (the finished variants are not trained again).
+same overrides (the finished variants are not trained again). ``--train-only`` stops after the
+training (with ``--minutes``, after the cut): the accelerator's time goes to training alone.
 
 Config fields are overridden as in train.py (``--config.a.b=value``); ``--image-size D H W``
 sets ``config.data.image_size``. A killed study run again with the same command goes on where it
@@ -390,7 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         help="train all variants at once for this long (one accelerator shared), then cut every "
         "run to the last step all of them validated: that is the study's number of steps",
     )
-    parser.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--train-only",
+        action="store_true",
+        help="train (with --minutes: and cut), then stop; evaluate later with --steps N",
+    )
     args, overrides = parser.parse_known_args(argv)
     if args.minutes is not None and args.steps is not None:
         print("error: --minutes decides the steps; leave --steps out", file=sys.stderr)
@@ -429,17 +438,18 @@ def main(argv: list[str] | None = None) -> int:
                 "one region: regional attention is the identity there"
             )
         runs = {name: workdir / variant_slug(name) for name in configs}
-        if args.train_only:  # a child of --minutes
-            from adreg_jax.training import train_and_evaluate
-
-            for name, variant in configs.items():
-                train_and_evaluate(variant, runs[name])
-            return 0
         if args.minutes is not None:
             steps = train_concurrently(sys.argv[1:] if argv is None else argv, runs, args.minutes)
             print(f"== every variant cut to step {steps}", flush=True)
+            if args.train_only:
+                print(f"trained; evaluate with the same command, --steps {steps} for --minutes")
+                return 0
             config.train.max_steps = steps
             configs = variant_configs(config, args.variants)
+        elif args.train_only:  # also each child of --minutes
+            for name, variant in configs.items():
+                train_variant(variant, runs[name])
+            return 0
         for name, variant in configs.items():
             print(f"== {name}: {runs[name]}", flush=True)
             status = train_variant(variant, runs[name])

@@ -88,3 +88,21 @@ def test_minutes_and_steps_together_are_refused(capsys):
     )
     assert code == 1
     assert "--minutes decides the steps" in capsys.readouterr().err
+
+
+def test_train_only_with_minutes_stops_after_the_cut(tmp_path, monkeypatch, capsys):
+    cut = []
+    monkeypatch.setattr(
+        ablation, "train_concurrently", lambda argv, runs, minutes: cut.append(list(runs)) or 300
+    )
+
+    def no_training_or_evaluation(*args, **kwargs):
+        raise AssertionError("--train-only trained again or evaluated after the cut")
+
+    monkeypatch.setattr(ablation, "train_variant", no_training_or_evaluation)
+    monkeypatch.setattr("adreg_jax.evaluation.evaluate_run", no_training_or_evaluation)
+    argv = ["--config", "configs/demo.py", "--workdir", str(tmp_path), "--minutes", "1"]
+    assert ablation.main([*argv, "--train-only"]) == 0
+    assert len(cut) == 1 and len(cut[0]) == 5  # every variant trained, then cut
+    assert "--steps 300" in capsys.readouterr().out
+    assert not (tmp_path / "ablation.md").exists()
