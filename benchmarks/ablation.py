@@ -22,7 +22,8 @@ Where this sits: for each variant, the config with that variant's ``config.model
 variant: they come from ``config.data`` and ``config.seed``, not from the run) ->
 ``evaluation.compare_runs`` (mean (std) per metric, two-sided paired Wilcoxon signed-rank p
 against the full model, which comes first) -> with ``--real-pairs``, each variant's network alone
-(``adreg-register --checkpoint RUN --instance-steps 0``, ``benchmarks/real_scans.run_adreg``) on
+(``adreg-register --checkpoint RUN --instance-steps 0 --keep-network``,
+``benchmarks/real_scans.run_adreg``) on
 the brain pairs of ``benchmarks/real_scans.py`` (needs ``../shared/data``).
 
 Every variant gets the same config, seed (so the same training batches) and number of steps
@@ -293,6 +294,7 @@ def real_pair_metrics(
                 [0],
                 cache=str(out / "xla_cache"),
                 repeat=1,
+                flags=["--keep-network"],  # the network's field, whatever it does to the similarity
             )
             results[name][pair_name] = metrics
             print(f"{pair_name}: {name}: {json.dumps(metrics)}", flush=True)
@@ -354,7 +356,7 @@ def ablation_table(
     if pair_names:
         note += (
             " Real pairs (benchmarks/real_scans.py): the network alone (adreg-register "
-            "--checkpoint RUN --instance-steps 0), Dice after registration."
+            "--checkpoint RUN --instance-steps 0 --keep-network), Dice after registration."
         )
     return "\n".join(lines) + "\n" + note + "\n"
 

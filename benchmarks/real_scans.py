@@ -391,14 +391,17 @@ def run_adreg(
     cache: str,
     repeat: int,
     model: str | None = None,
+    flags: Sequence[str] = (),
 ) -> dict:
     """``adreg-register`` on the pair ``repeat`` times; the metrics of the last run, with the
     first run's times added (``first_*``: compilation included, unless the cache had it).
 
     The network: ``checkpoint`` (a train.py run directory, ``--checkpoint``) or ``model`` (a
     packaged pretrained model's name, ``--model``), or neither (instance optimisation alone);
-    ``steps`` [0] keeps the network's field as it is."""
-    argv = [*pair_argv(pair), "--out", str(out), "--cache-dir", cache, "--quiet"]
+    ``steps`` [0]: the network's field is the result, unless it lowers the similarity (then the
+    affine stage's alone; ``flags`` ["--keep-network"]: the network's field whatever it does).
+    ``flags``: more of the command's options."""
+    argv = [*pair_argv(pair), "--out", str(out), "--cache-dir", cache, "--quiet", *flags]
     if steps:
         argv += ["--instance-steps", *map(str, steps)]
     if checkpoint and model:
@@ -489,6 +492,8 @@ def _row(pair_name: str, method: str, m: dict, before: bool = False) -> str:
     first = m.get("first_time_register_s")
     first_s = "" if before or first is None else f"{first:.1f}"
     tre_cell = f"{tre:.2f}" if tre is not None else ""
+    if not before and m.get("network_kept") is False:
+        method += " (field dropped: it lowered the similarity)"
     return (
         f"| {pair_name} | {method} | {dice_cells} | {tre_cell} | {ncc:.3f} | {folding} "
         f"| {time_s} | {first_s} |"

@@ -1,5 +1,7 @@
 """Packaged pretrained models: export a tiny train.py run, load it by name, --model."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import nibabel as nib
@@ -149,7 +151,8 @@ def test_register_command_with_a_model(tiny_run, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "x").exists()
 
     monkeypatch.setattr(pretrained, "MODELS", {"tiny": path})
-    steps = ["--instance-steps", "0"]
+    # the network's field as the result, whatever it does to these random images' similarity
+    steps = ["--instance-steps", "0", "--keep-network"]
     assert commands.main([*base, "--out", str(tmp_path / "m"), "--model", "tiny", *steps]) == 0
     assert (
         commands.main([*base, "--out", str(tmp_path / "c"), "--checkpoint", str(workdir), *steps])
@@ -160,6 +163,9 @@ def test_register_command_with_a_model(tiny_run, tmp_path, monkeypatch, capsys):
     assert by_model.shape == (20, 24, 20, 3) and np.abs(by_checkpoint).max() > 0
     # the same network, resampled to its grid and back the same way (float16 parameters)
     np.testing.assert_allclose(by_model, by_checkpoint, atol=0.01 * np.abs(by_checkpoint).max())
+    for run in ("m", "c"):
+        metrics = json.loads((tmp_path / run / "metrics.json").read_text())
+        assert metrics["network_kept"] and np.isfinite(metrics["network_objective_gain"])
 
 
 def test_a_run_starts_from_a_trained_run_or_a_packaged_model(tiny_run, monkeypatch):

@@ -519,3 +519,45 @@ def test_dice_report_matches_plain_dice_for_few_and_many_labels():
                 a, b = fixed == int(label), other == int(label)
                 np.testing.assert_allclose(value, 2 * (a & b).sum() / (a.sum() + b.sum()))
         np.testing.assert_allclose(report["dice_mean"], np.mean(list(report["dice"].values())))
+
+
+def test_a_network_field_that_lowers_the_similarity_is_dropped_unless_kept(capsys):
+    """The network's field as the result (--instance-steps 0) is checked against the image after
+    the affine stage alone: a field that undoes a known shift raises NCC and MI and is kept; its
+    opposite lowers them and is dropped, unless --keep-network. Masks count as in the
+    deformable stage: a field that only moves what lies outside them gains nothing."""
+    import argparse
+
+    import jax.numpy as jnp
+
+    from adreg_jax.registration.metrics import network_objective_gain
+    from adreg_jax.registration.pipeline import _checked_network_field
+
+    grid = np.indices(SHAPE).astype(np.float32)
+    centre = np.asarray(SHAPE, np.float32)[:, None, None, None] / 2
+    fixed = ndimage.gaussian_filter(
+        (np.sqrt(((grid - centre) ** 2).sum(0)) < 6).astype(np.float32), 1.0
+    )
+    source = ndimage.shift(fixed, (2.0, 0.0, 0.0), order=1)  # source(p) = fixed(p - 2 e0)
+    fixed_j, source_j = (jnp.asarray(x)[None, ..., None] for x in (fixed, source))
+    undo = np.zeros((1, *SHAPE, 3), np.float32)
+    undo[..., 0] = 2.0  # warped(p) = source(p + 2 e0) = fixed(p)
+    for similarity in ("ncc", "mi"):
+        for shape in (SHAPE, (12, 12, 12)):
+            right = network_objective_gain(fixed_j, source_j, undo, similarity, shape)
+            wrong = network_objective_gain(fixed_j, source_j, -undo, similarity, shape)
+            assert float(right) > 0 > float(wrong), (similarity, shape)
+    outside = np.zeros(SHAPE, np.float32)
+    outside[:2] = 1.0  # a corner where both images are empty
+    masks = tuple(jnp.asarray(outside)[None, ..., None] for _ in range(2))
+    assert abs(float(network_objective_gain(fixed_j, source_j, undo, "ncc", SHAPE, masks))) < 1e-4
+
+    args = argparse.Namespace(similarity="ncc", quiet=False, keep_network=False)
+    kept, record = _checked_network_field(undo, fixed_j, source_j, args, SHAPE, None)
+    assert kept is undo and record["network_kept"] and record["network_objective_gain"] > 0
+    dropped, record = _checked_network_field(-undo, fixed_j, source_j, args, SHAPE, None)
+    assert dropped is None and not record["network_kept"]
+    assert "lowered the ncc similarity" in capsys.readouterr().err
+    args.keep_network = True
+    kept, record = _checked_network_field(-undo, fixed_j, source_j, args, SHAPE, None)
+    assert kept is not None and record["network_kept"] and record["network_objective_gain"] < 0

@@ -117,6 +117,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "brain), in place of --checkpoint; instance optimisation follows unless "
         "--instance-steps 0",
     )
+    parser.add_argument(
+        "--keep-network",
+        action="store_true",
+        help="with --instance-steps 0, the network's field is the result even when it lowers "
+        "the similarity (by default it is then dropped for the affine stage's alone; "
+        "metrics.json: network_kept, network_objective_gain)",
+    )
     parser.add_argument("--fixed-seg")
     parser.add_argument("--moving-seg")
     parser.add_argument("--fixed-points")
