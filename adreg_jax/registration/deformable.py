@@ -12,6 +12,7 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -333,15 +334,26 @@ def network_grid(
     return tuple(int(max(multiple, round(e * per_mm / multiple) * multiple)) for e in extent)
 
 
-def network_ddf(
+class NetworkField(NamedTuple):
+    """A network's prediction: ``ddf`` (1, D, H, W, 3) on the fixed grid, and on the network's
+    own grid (``network_grid``) the images it saw, ``fixed`` and ``moving`` (1, d, h, w, 1), and
+    the field it found there, ``grid_ddf`` (1, d, h, w, 3)."""
+
+    ddf: jnp.ndarray
+    fixed: jnp.ndarray
+    moving: jnp.ndarray
+    grid_ddf: jnp.ndarray
+
+
+def network_field(
     checkpoint: str | None,
     fixed: jnp.ndarray,
     moving: jnp.ndarray,
     model: str | None = None,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
-) -> jnp.ndarray:
-    """The trained network's DDF (1, D, H, W, 3) on the fixed grid: the best checkpoint of a
-    train.py run directory (``checkpoint``) or a packaged pretrained model (``model``, a name of
+) -> NetworkField:
+    """The trained network's field: the best checkpoint of a train.py run directory
+    (``checkpoint``) or a packaged pretrained model (``model``, a name of
     ``adreg_jax.pretrained.MODELS``).
 
     The network runs on ``network_grid``: the fixed scan's extent (``spacing``: its voxel size in
@@ -355,5 +367,19 @@ def network_ddf(
         int(np.prod(config.data.image_size)),
         2 ** (len(config.model.channels) - 1),
     )
-    ddf = apply(variables, resize_image(fixed, net_shape), resize_image(moving, net_shape))
-    return resize_ddf(ddf["ddf"], tuple(fixed.shape[1:4]))
+    net_fixed, net_moving = resize_image(fixed, net_shape), resize_image(moving, net_shape)
+    grid_ddf = apply(variables, net_fixed, net_moving)["ddf"]
+    return NetworkField(
+        resize_ddf(grid_ddf, tuple(fixed.shape[1:4])), net_fixed, net_moving, grid_ddf
+    )
+
+
+def network_ddf(
+    checkpoint: str | None,
+    fixed: jnp.ndarray,
+    moving: jnp.ndarray,
+    model: str | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> jnp.ndarray:
+    """The trained network's DDF (1, D, H, W, 3) on the fixed grid (``network_field``)."""
+    return network_field(checkpoint, fixed, moving, model, spacing).ddf

@@ -33,9 +33,11 @@ from adreg_jax.data.nifti import read_points, save_nifti
 from adreg_jax.registration import programs
 from adreg_jax.registration.affine import affine_then, affine_warp, optimise_affine
 from adreg_jax.registration.deformable import (
+    NetworkField,
     default_smooth_weight,
-    network_ddf,
+    network_field,
     optimise_velocity,
+    resize_image,
     velocity_to_ddf,
 )
 from adreg_jax.registration.levels import (
@@ -181,17 +183,20 @@ def _write_json(path: Path, record: dict) -> None:
     os.replace(temporary, path)
 
 
-def _checked_network_field(initial, fixed, source, args, objective_shape, masks):
+def _checked_network_field(field: NetworkField, args: argparse.Namespace, masks):
     """(the network's field or None, metrics) when the network's field is the result
     (``--instance-steps 0``): it is kept only when it raises the similarity that the command
-    optimises over the image after the affine stage alone (``--keep-network``: kept regardless).
-    A network can lower it on scans unlike those it was trained on: the brain model on a thick-
-    slice T1 / T2-like pair took MI from 1.251 to 1.171 and Dice from 0.843 to 0.816, while on
-    the 1 mm T1 pairs it raised NCC with the Dice (benchmarks/real_scans.py, 2026-11-28).
-    Instance optimisation, when it follows, starts from the network's field whatever it does to
-    the similarity (from it, it ended higher on that pair: MI 1.366 against 1.330 from zero)."""
+    optimises over the image after the affine stage alone, measured on the network's grid on the
+    images it saw (``--keep-network``: kept regardless). A network can lower it on scans unlike
+    those it was trained on: the brain model on a thick-slice T1 / T2-like pair lowered MI (the
+    finest level's 1.251 -> 1.171) and Dice (0.843 -> 0.816), while on the 1 mm T1 pairs it
+    raised NCC with the Dice (benchmarks/real_scans.py, 2026-11-28). Instance optimisation, when
+    it follows, starts from the network's field whatever it does to the similarity (from it, it
+    ended higher on that pair: MI 1.366 against 1.330 from zero)."""
+    if masks is not None:
+        masks = tuple(resize_image(m, field.fixed.shape[1:4]) for m in masks)
     gain = float(
-        network_objective_gain(fixed, source, initial, args.similarity, objective_shape, masks)
+        network_objective_gain(field.fixed, field.moving, field.grid_ddf, args.similarity, masks)
     )
     kept = gain > 0 or bool(getattr(args, "keep_network", False))
     if not kept and not args.quiet:
@@ -200,7 +205,7 @@ def _checked_network_field(initial, fixed, source, args, objective_shape, masks)
             "dropped (the result is the affine stage's, or none); --keep-network keeps it",
             file=sys.stderr,
         )
-    return (initial if kept else None), {"network_kept": kept, "network_objective_gain": gain}
+    return (field.ddf if kept else None), {"network_kept": kept, "network_objective_gain": gain}
 
 
 def register_pair(
@@ -285,11 +290,10 @@ def register_pair(
     initial = None
     checked = {}
     if args.checkpoint or model:
-        initial = network_ddf(args.checkpoint, fixed_j, source, model=model, spacing=spacing)
+        field = network_field(args.checkpoint, fixed_j, source, model=model, spacing=spacing)
+        initial = field.ddf
         if max(steps) <= 0:  # the network's field is the result: kept if it raises the similarity
-            initial, checked = _checked_network_field(
-                initial, fixed_j, source, args, tuple(level_shape(shape, levels[-1])), masks
-            )
+            initial, checked = _checked_network_field(field, args, masks)
     initial = jax.block_until_ready(initial)
     stages["network"] = time.perf_counter() - loaded - stages["affine"]
     if max(steps) > 0:
