@@ -1,53 +1,77 @@
-"""Data throughput: time to generate one brain pair, and pipeline pairs/s.
+"""Data throughput of a config's data set: time to make one training pair in this process, and
+the pipeline's pairs per second with each number of worker processes.
 
-python benchmarks/bench_data.py [--sizes 32,64,96] [--pairs 8] [--workers 0]
+    python benchmarks/bench_data.py                                   # configs/default.py
+    python benchmarks/bench_data.py --config configs/brain.py --workers 0 1 2 --pairs 16
+    python benchmarks/bench_data.py --sizes 32,64,96                  # other grids, D x 7D/6 x D
+
+A training run whose accelerator waits for data goes at the pipeline's rate, whatever the
+accelerator: on one H200 the five ablation variants of configs/brain.py trained at 2.0-2.5 steps
+per second each, the GPU mostly idle (README, "The paper's ablation"). Run this first on a
+machine lent for training: batches per second = pipeline pairs/s / batch size.
+
+Config fields are overridden as in train.py (``--config.data.num_workers=...`` has no effect
+here: ``--workers`` sets it).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import sys
 import time
 from pathlib import Path
 
-from adreg_jax.data import generated, pipeline
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ and benchmarks/
+
+from benchmarks.ablation import load_config  # noqa: E402
 
 
-def _default_data_config():
-    spec = importlib.util.spec_from_file_location(
-        "default_config", Path(__file__).resolve().parents[1] / "configs" / "default.py"
+def main(argv: list[str] | None = None) -> int:
+    from absl import flags
+
+    from adreg_jax.data import pipeline
+
+    if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags
+        flags.FLAGS.mark_as_parsed()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--config", default="configs/default.py", help="a configs/*.py file")
+    parser.add_argument(
+        "--sizes", default=None, help="edges D of D x (D + D // 6) x D grids; default: the config's"
     )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config().data
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", default="32,64,96")
-    parser.add_argument("--pairs", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--pairs", type=int, default=4, help="pairs timed per row")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0])
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        data = load_config(args.config, overrides).data
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if args.sizes:
+        shapes = [(e, e + e // 6, e) for e in (int(s) for s in args.sizes.split(","))]
+    else:
+        shapes = [tuple(int(n) for n in data.image_size)]
+    print(f"{data.dataset}, batch size 1")
     print(f"{'size':>12} | {'one pair (s)':>12} | {'pipeline pairs/s':>16} | workers")
     print("-" * 62)
-    for edge in (int(s) for s in args.sizes.split(",")):
-        shape = (edge, edge + edge // 6, edge)
-        source = generated.GeneratedBrainPairs(shape, length=args.pairs, seed=0)
-        source[0]  # warm-up (allocations, caches)
+    for shape in shapes:
+        data.image_size, data.batch_size = shape, 1
+        source = pipeline.build_source(data, "train", 0)
+        source[0]  # warm-up (the atlas, allocations, caches)
         start = time.perf_counter()
-        for i in range(args.pairs):
+        for i in range(1, args.pairs + 1):
             source[i]
         one = (time.perf_counter() - start) / args.pairs
-        data = _default_data_config()
-        data.image_size, data.num_workers, data.batch_size = shape, args.workers, 1
-        iterator = pipeline.make_iterator(data, "train", seed=0)
-        next(iterator)
-        start = time.perf_counter()
-        for _ in range(args.pairs):
-            next(iterator)
-        rate = args.pairs / (time.perf_counter() - start)
-        print(f"{'x'.join(map(str, shape)):>12} | {one:12.3f} | {rate:16.2f} | {args.workers}")
+        for workers in args.workers:
+            data.num_workers = workers
+            iterator = pipeline.make_iterator(data, "train", seed=0)
+            next(iterator)  # the workers' start-up
+            start = time.perf_counter()
+            for _ in range(args.pairs):
+                next(iterator)
+            rate = args.pairs / (time.perf_counter() - start)
+            print(f"{'x'.join(map(str, shape)):>12} | {one:12.3f} | {rate:16.2f} | {workers}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
