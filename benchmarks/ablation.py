@@ -70,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ and ben
 
 from benchmarks import real_scans  # noqa: E402
 
-REAL_PAIRS = ("mni_to_scan", "scan_to_mni", "oasis_b_to_a", "mni_t2_to_scan")
+REAL_PAIRS = ("mni_to_scan", "scan_to_mni", "oasis_b_to_a", "mni_t2_to_scan", "thick_slice")
 # compare_runs keys shown in the table (when the data set has them), with their column names
 COLUMNS = {
     "dice": "Dice",
@@ -283,6 +283,8 @@ def real_pair_metrics(
     pairs = real_scans.prepare_brain(data, inputs)
     if "mni_t2_to_scan" in pair_names:
         pairs.update(real_scans.prepare_multimodal(pairs, inputs))
+    if "thick_slice" in pair_names:
+        pairs.update(real_scans.prepare_thick_slice(data, inputs))
     results: dict[str, dict[str, dict]] = {}
     for name, run in runs.items():
         results[name] = {}

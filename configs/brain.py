@@ -76,6 +76,11 @@ their commands below to repeat them with this config.
 
 From scratch (the next GPU run): ``--config.train.learning_rate=1e-3`` and as many steps as the
 GPU gives (``train.max_steps``); pairs of more varied anatomy than one atlas's are what it needs.
+The ablation study (README) trained this config from scratch on one H200 for 1200 steps (five
+variants at once, 11.5 minutes): the full model reached the real pairs' Dice of the shipped
+version (0.661 / 0.662 / 0.639) and 0.665 on the test pairs (shipped 0.673), data-bound at
+2.0-2.5 steps/s: measure the host's pairs/s first (``benchmarks/bench_data.py --config
+configs/brain.py --workers ...``).
 Measured results: the model card (adreg_jax/weights/brain.md).
 
 Why NCC and the known field, measured earlier on this CPU (6 mm, validation pairs): the label
