@@ -77,8 +77,8 @@ def registration_loss(
     ``labels``: the data set's label ids (``data.dataset_labels``) of the soft Dice term, used
     when ``loss_config.dice_weight`` > 0 and the batch carries ``fixed_seg`` and ``moving_seg``.
     The intensity terms (NCC, SSIM) count only the pairs whose ``same_contrast`` is 1 when the
-    batch carries that flag (``synth_brain``), each pair weighing 1 / batch size either way;
-    ``terms`` logs them over every pair.
+    batch carries that flag (``synth_brain``) and ``loss_config.same_contrast_only`` is on (the
+    default), each pair weighing 1 / batch size either way; ``terms`` logs them over every pair.
     """
     warped, ddf, fixed = outputs["warped"], outputs["ddf"], batch["fixed"]
 
@@ -92,7 +92,7 @@ def registration_loss(
     ssim = ops.ssim(ssim_in, fixed)
     # the intensity terms count only where fixed and moving share a contrast, when the batch
     # says (synth_brain's "same_contrast"): across contrasts NCC and SSIM reward the wrong match
-    same = batch.get("same_contrast")
+    same = batch.get("same_contrast") if loss_config.get("same_contrast_only", True) else None
     same = jnp.ones_like(ncc) if same is None else jnp.asarray(same, ncc.dtype).reshape(ncc.shape)
     terms = {
         "ncc": jnp.mean(ncc),

@@ -90,6 +90,11 @@ def get_config() -> ml_collections.ConfigDict:
     loss.ncc_weight = 1.0
     loss.ncc_window = 9
     loss.ssim_weight = 1.0
+    # NCC and SSIM count only the pairs whose two images share a contrast, when the batch says
+    # (synth_brain's same_contrast flag; across contrasts they reward the wrong match). False:
+    # every pair, as runs made before the flag (commit 4726ffb) trained: resume one with False to
+    # keep its loss (train.py names this field when it resumes such a run)
+    loss.same_contrast_only = True
     loss.smooth_weight = 1.0
     loss.jacobian_weight = 0.1
     loss.landmark_weight = 0.0

@@ -330,7 +330,7 @@ def test_image_terms_weighted_zero_are_reported_without_gradient():
 def test_image_terms_count_only_pairs_that_share_a_contrast():
     """With a batch's ``same_contrast`` flags (synth_brain), NCC and SSIM enter the loss on the
     flagged pairs only: a cross-contrast pair adds nothing to them and gets no gradient from
-    them; without flags every pair counts, as before."""
+    them; without flags, or with ``loss.same_contrast_only`` off, every pair counts."""
     config = default.get_config()
     config.loss.smooth_weight = config.loss.jacobian_weight = 0.0
     rng = np.random.default_rng(1)
@@ -353,6 +353,8 @@ def test_image_terms_count_only_pairs_that_share_a_contrast():
     assert float(terms["ncc"]) == pytest.approx(float(jnp.mean(ncc)), rel=1e-6)  # logged: all
     grad = jax.grad(lambda w: loss(w, flags)[0])(warped)
     assert float(jnp.abs(grad[0]).max()) > 0.0 and float(jnp.abs(grad[1]).max()) == 0.0
+    config.loss.same_contrast_only = False  # every pair, flags or not (the loss before the flag)
+    assert float(loss(warped, flags)[0]) == pytest.approx(expected_all, rel=1e-5)
 
 
 def relative_gradient_per_mm(ddf: np.ndarray, spacing_mm: float) -> float:
