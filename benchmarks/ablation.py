@@ -13,7 +13,8 @@ trained alike, evaluated on the same held-out pairs (and optionally on real brai
         --minutes 7 --train-only --config.train.learning_rate=1e-3 --config.data.num_workers=3
     python benchmarks/ablation.py --config configs/brain.py --workdir runs/gpu_ablation_v4 \\
         --steps 1200 --checkpoint latest --config.train.learning_rate=1e-3 \\
-        --config.data.num_workers=3 --real-pairs mni_to_scan scan_to_mni mni_t2_to_scan
+        --config.data.num_workers=3 --real-pairs mni_to_scan scan_to_mni mni_t2_to_scan \\
+        thick_slice
 
 Where this sits: for each variant, the config with that variant's ``config.model`` overrides ->
 ``training.train_and_evaluate`` in ``WORKDIR/<slug>`` (slugs: ``ad-regnet-full``,
@@ -446,7 +447,10 @@ def main(argv: list[str] | None = None) -> int:
             steps = train_concurrently(sys.argv[1:] if argv is None else argv, runs, args.minutes)
             print(f"== every variant cut to step {steps}", flush=True)
             if args.train_only:
-                print(f"trained; evaluate with the same command, --steps {steps} for --minutes")
+                print(
+                    f"trained and cut to step {steps}; evaluate with the same command, --steps "
+                    f"{steps} in place of --minutes and without --train-only"
+                )
                 return 0
             config.train.max_steps = steps
             configs = variant_configs(config, args.variants)
