@@ -80,7 +80,8 @@ The ablation study (README) trained this config from scratch on one H200 for 120
 variants at once, 11.5 minutes): the full model reached the real pairs' Dice of the shipped
 version (0.661 / 0.662 / 0.639) and 0.665 on the test pairs (shipped 0.673), data-bound at
 2.0-2.5 steps/s: measure the host's pairs/s first (``benchmarks/bench_data.py --config
-configs/brain.py --workers ...``).
+configs/brain.py --workers ...``) and give one run most of the host's cores
+(``--config.data.num_workers``): the five variants' 15 workers made about 11 pairs/s together.
 Measured results: the model card (adreg_jax/weights/brain.md).
 
 Why NCC and the known field, measured earlier on this CPU (6 mm, validation pairs): the label
