@@ -6,11 +6,11 @@
 
 Where this sits: train.py's run directory -> **export** (the best checkpoint, parameters in
 float16) -> ``adreg_jax/weights/NAME.npz`` (+ its model card ``NAME.md``) -> **load** ->
-``adreg-register --model`` (``registration.deformable.network_ddf``) and ``eval.py --model``.
+``adreg-register --model`` (``registration.deformable.network_field``) and ``eval.py --model``.
 
 File format: one flat npz, no pickles. ``params/<module path>`` holds each parameter (float16);
 ``config.json`` holds the UTF-8 bytes (uint8) of ``{"model": config.model, "data": {"dataset",
-"image_size", "spacing"}, "source": {...}}``: what ``network_ddf`` needs to resample any scan to
+"image_size", "spacing"}, "source": {...}}``: what ``network_field`` needs to resample any scan to
 the network's training grid and back.
 """
 

@@ -10,7 +10,7 @@ random smooth field of the training generator (``synth.subject_ddf``, no affine 
 control points 16-48 mm apart, largest velocity 20 mm (mean 3-4 mm in the brain, what a real pair
 needs after its affine stage), and a finer one, 8-16 mm apart, largest velocity 12 mm (mean about
 2 mm: the detail two anatomies also differ by); the network then registers the scan onto its
-warped copy as ``adreg-register`` runs it (``deformable.network_ddf``: both resampled to the
+warped copy as ``adreg-register`` runs it (``deformable.network_field``: both resampled to the
 network's grid, the field back to 1 mm). Beside them, the held-out synthesised pairs of the
 network's own configuration (``data.*``, ``test`` split; for a packaged model, which keeps only
 its grid, ``configs/brain.py``'s), on the network's grid.
@@ -70,7 +70,7 @@ FIELDS = (((16.0, 48.0), 20.0), ((8.0, 16.0), 12.0))
 
 
 def real_rows(pairs: dict, count: int, checkpoint, model) -> list[tuple[str, list]]:
-    """Known-field pairs made from each real scan, registered by ``network_ddf``."""
+    """Known-field pairs made from each real scan, registered by ``network_field``."""
     rows = []
     for name, key in (("MNI152 template", "mni_to_scan"), ("OASIS test_scan", "scan_to_mni")):
         path, seg_path = str(pairs[key]["moving"]), str(pairs[key]["moving_seg"])
@@ -83,13 +83,13 @@ def real_rows(pairs: dict, count: int, checkpoint, model) -> list[tuple[str, lis
                 rng = np.random.default_rng(seed)
                 true = subject_ddf(rng, image.shape, spacing, max_mm, (0, 0, 0), scale_mm)
                 fixed = _resample(image, true, order=1)
-                found = deformable.network_ddf(
+                found = deformable.network_field(
                     checkpoint,
                     jnp.asarray(fixed)[None, ..., None],
                     jnp.asarray(image)[None, ..., None],
                     model=model,
                     spacing=spacing,
-                )
+                ).ddf
                 inside = _resample(brain.astype(np.float32), true, order=0) > 0
                 results.append(field_errors(true, np.asarray(found)[0], inside, spacing))
             scale = f"{scale_mm[0]:g}-{scale_mm[1]:g} mm"

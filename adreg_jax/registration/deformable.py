@@ -372,14 +372,3 @@ def network_field(
     return NetworkField(
         resize_ddf(grid_ddf, tuple(fixed.shape[1:4])), net_fixed, net_moving, grid_ddf
     )
-
-
-def network_ddf(
-    checkpoint: str | None,
-    fixed: jnp.ndarray,
-    moving: jnp.ndarray,
-    model: str | None = None,
-    spacing: Sequence[float] = (1.0, 1.0, 1.0),
-) -> jnp.ndarray:
-    """The trained network's DDF (1, D, H, W, 3) on the fixed grid (``network_field``)."""
-    return network_field(checkpoint, fixed, moving, model, spacing).ddf
