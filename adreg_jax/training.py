@@ -377,8 +377,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
         started = time.perf_counter()
         step = start
+        # the share of the training time since the last log line (validation and saving left
+        # out) spent waiting for batches: near 1, the accelerator waits for its data (raise
+        # data.num_workers, if the host has the cores)
+        waited, since = 0.0, started
         while step < steps:
+            asked = time.perf_counter()
             batch = shard_batch(next(train_iter), mesh)
+            waited += time.perf_counter() - asked
             state, metrics = train_step(state, batch, jax.random.fold_in(rng, step))
             metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
             step += 1
@@ -392,8 +398,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
             if step % int(config.train.log_every) == 0 or step == steps:
-                rate = (step - start) / max(time.perf_counter() - started, 1e-9)
-                log(step, {**metrics, "steps_per_s": rate})
+                now = time.perf_counter()
+                rate = (step - start) / max(now - started, 1e-9)
+                data_wait = waited / max(now - since, 1e-9)
+                log(step, {**metrics, "steps_per_s": rate, "data_wait_fraction": data_wait})
+                waited, since = 0.0, None  # restarted after this step's validation and save
             at_eval = step % int(config.train.eval_every) == 0 or step == steps
             at_save = at_eval or step % int(config.train.checkpoint_every) == 0
             val = None
@@ -419,6 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     ),
                     metrics=val if val and best_metric in val else None,
                 )
+            if since is None:
+                since = time.perf_counter()
             if patience > 0 and progress["since_best"] >= patience:
                 bar.write(
                     f"early stopping at step {step}: {best_metric} has not improved for "

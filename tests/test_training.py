@@ -184,6 +184,9 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     log = (tmp_path / "killed" / "metrics.jsonl").read_text()
     lines = [json.loads(x) for x in log.splitlines()]
     assert any("val/dice" in line for line in lines)
+    # every training line says what share of its time went to waiting for batches
+    waits = [line["data_wait_fraction"] for line in lines if "train/loss" in line]
+    assert waits and all(0.0 <= wait <= 1.0 for wait in waits)
 
     # the resumed steps read the batches the uninterrupted run read (each step's loss is its own)
     def losses(workdir):  # the last logged value per step: the resumed run's
