@@ -2,8 +2,8 @@
 applied to another image, label map or point set).
 
     adreg-register --fixed subject.nii.gz --moving atlas.nii.gz --out results/ \
-        [--checkpoint runs/demo | --model brain] [--affine] [--similarity ncc|mi] \
-        [--instance-steps 60 20] [--moving-seg S --fixed-seg S] \
+        [--checkpoint runs/demo | --model brain [--keep-network]] [--affine] \
+        [--similarity ncc|mi] [--instance-steps 60 20] [--moving-seg S --fixed-seg S] \
         [--fixed-points P --moving-points P] [--inverse]
     adreg-register --pairs pairs.csv --out cohort/ [same options]
     adreg-apply --transform results/ --moving image.nii.gz --out warped.nii.gz \
@@ -29,7 +29,9 @@ level's grid, coarse to fine over two levels (``--levels``; by default the finer
 2 mm voxels: 1/4 and 1/2 of a 1 mm brain), minimising
 ``-similarity(warped, fixed) + smooth_weight * smoothness(velocity)``. It starts from the
 network's DDF (used as the initial velocity) or from zero, so the command registers with no
-trained model.
+trained model. With ``--instance-steps 0`` the network's field is the result, kept only when it
+raises the similarity over the affine stage alone (``pipeline._checked_network_field``;
+``--keep-network``: always).
 
 Outputs: see ``pipeline`` (warped.nii.gz in the moving scan's own intensities, the transform
 files of ``transform_io``, jacobian.nii.gz, warped_seg.nii.gz, metrics.json, overview.png). Point
