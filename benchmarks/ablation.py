@@ -281,11 +281,7 @@ def real_pair_metrics(
     {variant: {pair: adreg-register's metrics.json}}."""
     inputs = out / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
-    pairs = real_scans.prepare_brain(data, inputs)
-    if "mni_t2_to_scan" in pair_names:
-        pairs.update(real_scans.prepare_multimodal(pairs, inputs))
-    if "thick_slice" in pair_names:
-        pairs.update(real_scans.prepare_thick_slice(data, inputs))
+    pairs = real_scans.prepare_pairs(data, inputs, pair_names)
     results: dict[str, dict[str, dict]] = {}
     for name, run in runs.items():
         results[name] = {}

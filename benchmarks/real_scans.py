@@ -94,6 +94,24 @@ PAIRS = (
 CT_PAIRS = ("lung", "lung_dirlab")
 
 
+def prepare_pairs(data: Path, out: Path, names: Sequence[str]) -> dict[str, dict]:
+    """The input files of the pairs ``names`` (of ``PAIRS``), written into ``out``: only the
+    preparations those pairs need (mni_t2_to_scan is made from mni_to_scan's files)."""
+    names = set(names)
+    pairs: dict[str, dict] = {}
+    if names & {"mni_to_scan", "scan_to_mni", "oasis_b_to_a", "mni_t2_to_scan"}:
+        pairs.update(prepare_brain(data, out))
+    if "mni_t2_to_scan" in names:
+        pairs.update(prepare_multimodal(pairs, out))
+    if "lung" in names:
+        pairs.update(prepare_lung(data, out))
+    if "lung_dirlab" in names:
+        pairs.update(prepare_lung_dirlab(out))
+    if "thick_slice" in names:
+        pairs.update(prepare_thick_slice(data, out))
+    return pairs
+
+
 def shared_data(path: str) -> Path | None:
     """``path`` resolved when it holds the shared real scans (``brain/test_scan.npz``); else
     None, with the error printed (a benchmark then exits with 1)."""
@@ -597,13 +615,7 @@ def main(argv=None) -> int:
     out = Path(args.out or tempfile.mkdtemp(prefix="real_scans_"))
     inputs = out / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
-    pairs = {**prepare_brain(data, inputs), **prepare_lung(data, inputs)}
-    pairs.update(prepare_multimodal(pairs, inputs))
-    wanted = set(args.pairs)
-    if "thick_slice" in wanted:
-        pairs.update(prepare_thick_slice(data, inputs))
-    if "lung_dirlab" in wanted:
-        pairs.update(prepare_lung_dirlab(inputs))
+    pairs = prepare_pairs(data, inputs, args.pairs)
     ants_ok = not args.no_ants
     if ants_ok:
         try:

@@ -28,11 +28,7 @@ from real_scans import (
     DATA,
     PAIRS,
     pair_argv,
-    prepare_brain,
-    prepare_lung,
-    prepare_lung_dirlab,
-    prepare_multimodal,
-    prepare_thick_slice,
+    prepare_pairs,
     shared_data,
 )
 from registration_outputs import command
@@ -56,12 +52,7 @@ def main(argv=None) -> int:
         return 1
     with tempfile.TemporaryDirectory(prefix="whole_commands_") as work:
         work = Path(work)
-        pairs = {**prepare_brain(data, work), **prepare_lung(data, work)}
-        pairs.update(prepare_multimodal(pairs, work))
-        if "lung_dirlab" in args.pairs:
-            pairs.update(prepare_lung_dirlab(work))
-        if "thick_slice" in args.pairs:
-            pairs.update(prepare_thick_slice(data, work))
+        pairs = prepare_pairs(data, work, args.pairs)
         print("| pair | wall s | registration s | accuracy | % det J <= 0 |")
         print("|---|---|---|---|---|")
         for name in args.pairs:
