@@ -72,6 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
     data.synth_detail_scale_mm = (8.0, 16.0)
     data.synth_same_contrast = 0.3  # probability that fixed and moving share one contrast
     data.synth_real_contrast = 0.2  # probability that a contrast is the atlas's own T1
+    # draw the training pairs on the accelerator (adreg_jax.data.synth_device: the same recipe in
+    # JAX, no Grain workers; validation and test pairs stay the numpy generator's). For a GPU,
+    # where the numpy workers set the pace; on a CPU the workers run beside the step instead.
+    data.synth_on_device = False
     # generated lung phantom (adreg_jax.data.generated_lung)
     data.lung_motion_mm = (5.0, 20.0)  # range of the diaphragm motion
     data.lung_points = 32  # landmarks per generated lung pair

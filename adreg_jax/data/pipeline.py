@@ -11,6 +11,7 @@ whatever its number of worker processes (Grain's own iterator state depends on i
 from __future__ import annotations
 
 import functools
+import itertools
 import multiprocessing
 import os
 import threading
@@ -301,7 +302,20 @@ def make_iterator(
     """Iterator of the batches of ``batched_dataset`` from batch ``start`` on (a resumed run:
     the number of batches read before), read by ``data.num_workers`` worker processes (0: in
     this process) with ``data.prefetch`` batches read ahead; the same batches for any number of
-    workers."""
+    workers.
+
+    The training batches of ``data.synth_on_device``: ``synth_device.DeviceSynthBrain``'s,
+    made on the default device in the training process (no workers, nothing copied to it)."""
+    if split == "train" and data.get("synth_on_device", False):
+        if shuffle is False or repeat is False:
+            raise ValueError(
+                "config.data.synth_on_device: the training stream is endless and fresh at every "
+                f"batch; shuffle={shuffle}, repeat={repeat} asked for another"
+            )
+        from adreg_jax.data.synth_device import DeviceSynthBrain
+
+        synth = DeviceSynthBrain.from_config(data, seed)
+        return (synth.batch(index) for index in itertools.count(int(start)))
     dataset = batched_dataset(data, split, seed, shuffle, repeat)
     if start:
         dataset = dataset[int(start) :]
