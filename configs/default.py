@@ -76,6 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
     # JAX, no Grain workers; validation and test pairs stay the numpy generator's). For a GPU,
     # where the numpy workers set the pace; on a CPU the workers run beside the step instead.
     data.synth_on_device = False
+    # with it, the probability that a training pair's anatomy is random shapes instead of the
+    # atlas's (SynthMorph's anatomy-free pairs, adreg_jax.data.synth_device._shape_labels)
+    data.synth_shapes = 0.0
     # generated lung phantom (adreg_jax.data.generated_lung)
     data.lung_motion_mm = (5.0, 20.0)  # range of the diaphragm motion
     data.lung_points = 32  # landmarks per generated lung pair

@@ -81,6 +81,36 @@ def test_true_ddf_warps_the_moving_labels_onto_the_fixed_ones(batches):
     assert np.mean(recovered) > np.mean(still) + 0.05 and min(recovered) > 0.6
 
 
+def test_random_shapes_replace_the_anatomy_of_some_pairs_and_leave_the_others(batches):
+    config = device_config()
+    config.data.synth_shapes = 0.5
+    stream = make_iterator(config.data, "train", seed=0)
+    kinds = []
+    for plain in batches[:2]:
+        mixed = jax.device_get(next(stream))
+        for index in range(3):
+            if np.array_equal(mixed["fixed_seg"][index], plain["fixed_seg"][index]):
+                kinds.append("atlas")  # not drawn as shapes: the pair without the option
+                for key, value in mixed.items():  # (another program: float rounding apart)
+                    np.testing.assert_allclose(
+                        value[index], plain[key][index], atol=1e-4, err_msg=key
+                    )
+                continue
+            kinds.append("shapes")
+            fixed_seg, moving_seg = mixed["fixed_seg"][index], mixed["moving_seg"][index]
+            # shapes fill the volume (the atlas's brain a fifth of it), in four classes
+            assert set(np.unique(fixed_seg)) == {0, 1, 2, 3} and (fixed_seg > 0).mean() > 0.5
+            assert mixed["same_contrast"][index] in (0.0, 1.0)
+            before = float(np.mean(ops.dice(moving_seg, fixed_seg, (1, 2, 3))))
+            warped = _resample(moving_seg, mixed["true_ddf"][index], order=0)
+            assert float(np.mean(ops.dice(warped, fixed_seg, (1, 2, 3)))) > before
+    assert sorted(set(kinds)) == ["atlas", "shapes"], kinds
+    # the numpy generator has none: a Grain training stream with shapes is refused
+    config.data.synth_on_device = False
+    with pytest.raises(ValueError, match="synth_on_device=True"):
+        make_iterator(config.data, "train", seed=0)
+
+
 def test_maps_are_as_large_and_as_smooth_as_the_numpy_generators():
     """Mean displacement (mm) and mean |gradient| of the pair's field inside the brain, over 8
     pairs of each generator: within 25 % of each other (the Fourier-space field is calibrated to

@@ -316,6 +316,11 @@ def make_iterator(
 
         synth = DeviceSynthBrain.from_config(data, seed)
         return (synth.batch(index) for index in itertools.count(int(start)))
+    if split == "train" and data.get("synth_shapes", 0.0) > 0:
+        raise ValueError(
+            f"config.data.synth_shapes={data.synth_shapes}: random-shape pairs are drawn on the "
+            "device only; set config.data.synth_on_device=True"
+        )
     dataset = batched_dataset(data, split, seed, shuffle, repeat)
     if start:
         dataset = dataset[int(start) :]

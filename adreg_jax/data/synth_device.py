@@ -25,6 +25,10 @@ static shapes under ``jit``:
   that a pair's field is as large and as smooth as the numpy generator's (see the constants).
 - Every map is integrated on the full grid (numpy integrates coarse maps on a half grid).
 
+One more than numpy: with ``data.synth_shapes`` (a probability, 0 by default) a pair's anatomy
+is a map of random shapes instead of the atlas's (SynthMorph's anatomy-free data: a network
+that must register any shapes cannot learn one atlas's), drawn in random contrasts only.
+
 The pairs are not those of the numpy generator for the same seed: pair i of the stream is
 determined by (seed, i) through JAX's counter-based keys (``jax.random.fold_in``), in any order,
 so a resumed run reads the batches it would have read (the bits also depend on JAX's
@@ -56,6 +60,9 @@ from adreg_jax.data.synth import DETAIL_SCALE_MM, SCALE_MM, SUBLABELS, atlas_on_
 # 0.13-0.16 of its largest; composed and integrated, the pair's field needed less of both.)
 SIGMA_PER_SPACING = 0.55
 MEAN_PER_LARGEST = 0.115
+NUM_FINE = SUBLABELS * (max(BRAIN_LABELS) + 1)  # fine labels 0..15: 4 per tissue, as synth.py's
+# random-shape label maps (``data.synth_shapes``): the control spacing of their fields, mm
+SHAPES_SCALE_MM = (16.0, 64.0)
 _PAD = 0.5  # each side of the Fourier grid padded by this fraction of the shape
 _STREAM = 0x5EED  # folded into the run's seed: the pairs' keys, apart from the model's
 _BLUR_RADIUS = 3  # voxels: the image blur's sigma is at most 1 voxel
@@ -129,6 +136,7 @@ class SynthOptions(NamedTuple):
     scale_mm: tuple[float, float] = SCALE_MM
     detail_mm: float = 0.0
     detail_scale_mm: tuple[float, float] = DETAIL_SCALE_MM
+    shapes: float = 0.0
 
 
 class DeviceSynthBrain:
@@ -154,6 +162,7 @@ class DeviceSynthBrain:
         scale_mm: Sequence[float] = SCALE_MM,
         detail_mm: float = 0.0,
         detail_scale_mm: Sequence[float] = DETAIL_SCALE_MM,
+        shapes: float = 0.0,
     ):
         self.shape = tuple(int(n) for n in shape)
         self.batch_size = int(batch_size)
@@ -167,6 +176,7 @@ class DeviceSynthBrain:
             scale_mm=tuple(float(v) for v in scale_mm),
             detail_mm=float(detail_mm),
             detail_scale_mm=tuple(float(v) for v in detail_scale_mm),
+            shapes=float(shapes),
         )
         t1, labels, spacing = atlas_on_grid(self.shape)
         shell_distance = ndimage.distance_transform_edt(labels == 0, sampling=spacing)
@@ -204,6 +214,7 @@ class DeviceSynthBrain:
             scale_mm=tuple(data.get("synth_scale_mm", SCALE_MM)),
             detail_mm=float(data.get("synth_detail_mm", 0.0)),
             detail_scale_mm=tuple(data.get("synth_detail_scale_mm", DETAIL_SCALE_MM)),
+            shapes=float(data.get("synth_shapes", 0.0)),
         )
 
     def batch(self, index: int) -> dict[str, jax.Array]:
@@ -242,9 +253,15 @@ def _pair(key, atlas: Atlas, options: SynthOptions) -> dict[str, jax.Array]:
     o, shape = options, atlas.t1.shape
     keys = jax.random.split(key, 8)
     fine = _fine_labels(keys[0], atlas)
+    real_contrast = o.real_contrast
+    if o.shapes > 0:  # drawn from a key of its own: pairs without shapes stay as they were
+        k_shapes, k_which = jax.random.split(jax.random.fold_in(key, len(keys)))
+        is_shapes = jax.random.uniform(k_which) < o.shapes
+        fine = jnp.where(is_shapes, _shape_labels(k_shapes, shape, atlas.spacing), fine)
+        real_contrast = jnp.where(is_shapes, 0.0, real_contrast)  # no T1 for random shapes
     shared = jax.random.uniform(keys[1]) < o.same_contrast
-    first = _contrast(keys[2], o.real_contrast)
-    second = _contrast(keys[3], o.real_contrast)
+    first = _contrast(keys[2], real_contrast)
+    second = _contrast(keys[3], real_contrast)
     second = jax.tree.map(lambda a, b: jnp.where(shared, a, b), first, second)
     detail = (o.detail_mm, o.detail_scale_mm)
     moving_ddf = _subject_ddf(
@@ -290,9 +307,20 @@ def _fine_labels(key, atlas: Atlas) -> jax.Array:
     return jnp.where(shell, 1 + jnp.argmax(blobs, axis=-1), fine)
 
 
-def _contrast(key, real_contrast: float) -> dict[str, jax.Array]:
+def _shape_labels(key, shape, spacing) -> jax.Array:
+    """A label map of random shapes, SynthMorph's anatomy-free training data (Hoffmann et al.
+    2022): the argmax over ``NUM_FINE`` smooth random fields whose control spacing is
+    log-uniform in ``SHAPES_SCALE_MM``. Every voxel has a label; ``label // SUBLABELS`` groups
+    them into four classes, the "tissues" the Dice term overlaps (class 0 is no background)."""
+    k_scale, k_fields = jax.random.split(key)
+    scale = _log_uniform(k_scale, *SHAPES_SCALE_MM)
+    fields = smooth_field(k_fields, shape, SIGMA_PER_SPACING * scale / spacing, NUM_FINE)
+    return jnp.argmax(fields, axis=-1).astype(jnp.int32)
+
+
+def _contrast(key, real_contrast) -> dict[str, jax.Array]:
     """``synth.draw_contrast``: per fine label a mean and a std, or the atlas's T1."""
-    num_labels = SUBLABELS * (max(BRAIN_LABELS) + 1)
+    num_labels = NUM_FINE
     k_real, k_means, k_zero, k_stds = jax.random.split(key, 4)
     real = jax.random.uniform(k_real) < real_contrast
     means = jax.random.uniform(k_means, (num_labels,))
