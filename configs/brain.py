@@ -74,8 +74,20 @@ their commands below to repeat them with this config.
    exported step raised it, 0.656 -> 0.673 on this config's and 0.646 -> 0.675 on step 4's T1
    pairs (the model card).
 
-From scratch (the next GPU run): ``--config.train.learning_rate=1e-3`` and as many steps as the
-GPU gives (``train.max_steps``); pairs of more varied anatomy than one atlas's are what it needs.
+From scratch (the next GPU run): the training pairs drawn on the GPU, at learning rate 1e-3, as
+many steps as the GPU gives, a share of them on random shapes (pairs of more varied anatomy than
+one atlas's are what it needs):
+
+    python train.py --config configs/brain.py --workdir runs/brain_gpu \
+        --config.data.synth_on_device=True --config.data.synth_shapes=0.3 \
+        --config.train.learning_rate=1e-3 --config.train.max_steps=20000
+
+``data.synth_on_device`` makes each batch in one jitted program on the device that trains on it
+(``adreg_jax/data/synth_device.py``), so no host core synthesises pairs. Not yet run on a GPU.
+On the 2-core CPU it costs time instead (2026-12-07, 60 steps each, ``--config.train.max_steps=60
+--config.train.log_every=20``): steps 20-60 took 2.58 s a step with it against 2.17 s with two
+numpy workers beside the step (``data_wait_fraction`` about 0.01 either way: the device's
+synthesis is queued ahead of the step, its time inside the step's).
 The ablation study (README) trained this config from scratch on one H200 for 1200 steps (five
 variants at once, 11.5 minutes): the full model reached the real pairs' Dice of the shipped
 version (0.661 / 0.662 / 0.639) and 0.665 on the test pairs (shipped 0.673), data-bound at
