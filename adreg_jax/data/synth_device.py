@@ -1,7 +1,7 @@
 """Synthesised brain pairs drawn on the accelerator: ``synth.py``'s recipe in JAX, for training.
 
 Where this sits: ``config.data.synth_on_device = True`` with ``dataset = "synth_brain"``; the
-training loop (``pipeline.train_batches``) then asks ``DeviceSynthBrain.batch(i)`` for batch i
+training loop (``pipeline.make_iterator``) then asks ``DeviceSynthBrain.batch(i)`` for batch i
 instead of reading Grain's workers. The validation and test pairs stay those of the numpy
 generator (``synth.SynthBrainPairs``), so that runs with and without it are measured on the same
 held-out pairs.
@@ -139,6 +139,18 @@ class SynthOptions(NamedTuple):
     shapes: float = 0.0
 
 
+class Atlas(NamedTuple):
+    """What every pair is drawn from, on the device: the atlas on the grid (``t1``, tissue
+    ``labels``, ``shell_distance`` in mm from the brain), the sorted T1 values inside each
+    tissue (``tissue_values``) and the grid's ``spacing`` (mm)."""
+
+    t1: jax.Array
+    labels: jax.Array
+    shell_distance: jax.Array
+    tissue_values: tuple[jax.Array, ...]
+    spacing: jax.Array
+
+
 class DeviceSynthBrain:
     """Batches of synthesised brain pairs made on the default device, with the keys of
     ``synth.SynthBrainPairs``' elements and its options (``from_config`` reads them from
@@ -226,26 +238,11 @@ class DeviceSynthBrain:
         return _one_pair(jax.random.fold_in(self._key, index), self._atlas, self.options)
 
 
-class Atlas(NamedTuple):
-    """What every pair is drawn from, on the device: the atlas on the grid (``t1``, tissue
-    ``labels``, ``shell_distance`` in mm from the brain), the sorted T1 values inside each
-    tissue (``tissue_values``) and the grid's ``spacing`` (mm)."""
-
-    t1: jax.Array
-    labels: jax.Array
-    shell_distance: jax.Array
-    tissue_values: tuple[jax.Array, ...]
-    spacing: jax.Array
-
-
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _batch(key, index, atlas: Atlas, options: SynthOptions, batch_size: int):
     first = index * batch_size
     keys = jax.vmap(lambda i: jax.random.fold_in(key, first + i))(jnp.arange(batch_size))
     return jax.vmap(_pair, in_axes=(0, None, None))(keys, atlas, options)
-
-
-_one_pair = jax.jit(lambda key, atlas, options: _pair(key, atlas, options), static_argnums=2)
 
 
 def _pair(key, atlas: Atlas, options: SynthOptions) -> dict[str, jax.Array]:
@@ -283,6 +280,9 @@ def _pair(key, atlas: Atlas, options: SynthOptions) -> dict[str, jax.Array]:
         element[f"{name}_seg"] = (subject // SUBLABELS).astype(jnp.int32)
     element["spacing"] = atlas.spacing
     return element
+
+
+_one_pair = jax.jit(_pair, static_argnums=2)
 
 
 def _fine_labels(key, atlas: Atlas) -> jax.Array:
@@ -360,15 +360,10 @@ def _subject_ddf(key, shape, spacing, max_mm, affine, scale_mm, detail_mm, detai
     return (grid + ddf) @ matrix.T + shift.reshape(1, 1, 1, 3) - grid
 
 
-@functools.cache
-def _blur_offsets() -> np.ndarray:
-    return np.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, dtype=np.float32)
-
-
 def _blur(image: jax.Array, sigma: jax.Array) -> jax.Array:
     """A Gaussian blur of ``sigma`` voxels (traced, at most 1) along each axis, edges mirrored
     (``scipy.ndimage.gaussian_filter``'s "reflect"); sigma 0 leaves the image as it is."""
-    x = jnp.asarray(_blur_offsets())
+    x = jnp.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, dtype=jnp.float32)
     weights = jnp.exp(-0.5 * x**2 / jnp.maximum(sigma, 1e-3) ** 2)
     weights = weights / jnp.sum(weights)
     r = _BLUR_RADIUS
