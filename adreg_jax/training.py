@@ -379,7 +379,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         step = start
         # the share of the training time since the last log line (validation and saving left
         # out) spent waiting for batches: near 1, the accelerator waits for its data (raise
-        # data.num_workers, if the host has the cores)
+        # data.num_workers, if the host has the cores, or for synth_brain draw the pairs on the
+        # device, data.synth_on_device, whose synthesis is then inside the step's time)
         waited, since = 0.0, started
         while step < steps:
             asked = time.perf_counter()
