@@ -1,5 +1,6 @@
 """Data: DIR-Lab, IXI (TransMorph pickles), NIfTI pair lists, generated brain and lung pairs,
-and the Grain pipelines that batch them (see docs/architecture.md for the batch dict).
+synthesised brain pairs (numpy, or JAX on the device), and the Grain pipelines that batch them
+(see docs/architecture.md for the batch dict).
 
 The names below are imported on first use (PEP 562): ``adreg-register`` reads NIfTI files through
 ``adreg_jax.data.nifti`` and should not pay for Grain, Orbax and SciPy at start-up (importing
@@ -29,6 +30,7 @@ _SOURCES = {
     "load_nifti": "nifti",
     "read_pair_list": "nifti",
     "save_nifti": "nifti",
+    "DeviceSynthBrain": "synth_device",
     "batched_dataset": "pipeline",
     "build_dataset": "pipeline",
     "build_source": "pipeline",
