@@ -102,10 +102,10 @@ def device_rows(data, batch_sizes, pairs: int, source) -> None:
         compiled = time.perf_counter() - start
         count = max(1, pairs // batch_size)
         start = time.perf_counter()
-        for _ in range(count):
-            batch = jax.device_get(next(stream))  # on the host, as a test would read it
-            drawn += [{k: v[i] for k, v in batch.items()} for i in range(batch_size)]
+        batches = jax.block_until_ready([next(stream) for _ in range(count)])  # as training does
         rate = count * batch_size / (time.perf_counter() - start)
+        for batch in jax.device_get(batches):
+            drawn += [{k: v[i] for k, v in batch.items()} for i in range(batch_size)]
         print(
             f"{shape:>12} | {'':>12} | {rate:16.2f} | on {jax.devices()[0].platform}, batch "
             f"{batch_size} (first batch {compiled:.1f} s, compilation)"
