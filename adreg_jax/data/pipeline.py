@@ -183,17 +183,7 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, seed: int) -> gra
             shape=tuple(data.image_size),
             length=int(length),
             seed=int(seed) + _SPLIT_OFFSET[split],
-            max_mm=float(data.synth_max_mm),
-            affine=tuple(float(a) for a in data.synth_affine),
-            same_contrast=float(data.synth_same_contrast),
-            real_contrast=float(data.synth_real_contrast),
-            pair_max_mm=float(data.get("synth_pair_max_mm", data.synth_max_mm)),
-            pair_affine=tuple(float(a) for a in data.get("synth_pair_affine", data.synth_affine)),
-            scale_mm=tuple(float(a) for a in data.get("synth_scale_mm", synth.SCALE_MM)),
-            detail_mm=float(data.get("synth_detail_mm", 0.0)),
-            detail_scale_mm=tuple(
-                float(a) for a in data.get("synth_detail_scale_mm", synth.DETAIL_SCALE_MM)
-            ),
+            **synth.options_from_config(data),
         )
         return grain.MapDataset.source(source)
     if data.dataset == "generated_lung":

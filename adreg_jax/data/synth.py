@@ -215,6 +215,24 @@ def render(
     return ((image - low) / max(high - low, 1e-6)).astype(np.float32)
 
 
+def options_from_config(data) -> dict:
+    """``SynthBrainPairs``' options (also ``synth_device.DeviceSynthBrain``'s) from
+    ``config.data``; the fields a run's saved config may predate take their defaults."""
+    return {
+        "max_mm": float(data.synth_max_mm),
+        "affine": tuple(float(a) for a in data.synth_affine),
+        "same_contrast": float(data.synth_same_contrast),
+        "real_contrast": float(data.synth_real_contrast),
+        "pair_max_mm": float(data.get("synth_pair_max_mm", data.synth_max_mm)),
+        "pair_affine": tuple(float(a) for a in data.get("synth_pair_affine", data.synth_affine)),
+        "scale_mm": tuple(float(a) for a in data.get("synth_scale_mm", SCALE_MM)),
+        "detail_mm": float(data.get("synth_detail_mm", 0.0)),
+        "detail_scale_mm": tuple(
+            float(a) for a in data.get("synth_detail_scale_mm", DETAIL_SCALE_MM)
+        ),
+    }
+
+
 @dataclasses.dataclass
 class SynthBrainPairs:
     """Random-access source of synthesised brain pairs (a Grain data source: len and getitem).

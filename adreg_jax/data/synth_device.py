@@ -49,7 +49,13 @@ from scipy import ndimage
 
 from adreg_jax import ops
 from adreg_jax.data.generated import BRAIN_LABELS
-from adreg_jax.data.synth import DETAIL_SCALE_MM, SCALE_MM, SUBLABELS, atlas_on_grid
+from adreg_jax.data.synth import (
+    DETAIL_SCALE_MM,
+    SCALE_MM,
+    SUBLABELS,
+    atlas_on_grid,
+    options_from_config,
+)
 
 # Calibrated on configs/brain.py's pairs (48 x 56 x 48, 4 mm; a coarse map over 16-48 mm with a
 # finer one inside over 8-16 mm), so that the pair's field is as large and as smooth as the numpy
@@ -125,18 +131,19 @@ def _random_affine(key, shape, spacing, affine: Sequence[float]) -> tuple[jax.Ar
 
 
 class SynthOptions(NamedTuple):
-    """``synth.SynthBrainPairs``' options (hashable: a static argument of the jitted batch)."""
+    """``synth.SynthBrainPairs``' options and ``shapes`` (hashable: a static argument of the
+    jitted batch; ``DeviceSynthBrain`` documents them)."""
 
-    max_mm: float = 8.0
-    affine: tuple[float, float, float] = (5.0, 0.05, 4.0)
-    same_contrast: float = 0.3
-    real_contrast: float = 0.2
-    pair_max_mm: float = 8.0
-    pair_affine: tuple[float, float, float] = (5.0, 0.05, 4.0)
-    scale_mm: tuple[float, float] = SCALE_MM
-    detail_mm: float = 0.0
-    detail_scale_mm: tuple[float, float] = DETAIL_SCALE_MM
-    shapes: float = 0.0
+    max_mm: float
+    affine: tuple[float, float, float]
+    same_contrast: float
+    real_contrast: float
+    pair_max_mm: float
+    pair_affine: tuple[float, float, float]
+    scale_mm: tuple[float, float]
+    detail_mm: float
+    detail_scale_mm: tuple[float, float]
+    shapes: float
 
 
 class Atlas(NamedTuple):
@@ -154,7 +161,8 @@ class Atlas(NamedTuple):
 class DeviceSynthBrain:
     """Batches of synthesised brain pairs made on the default device, with the keys of
     ``synth.SynthBrainPairs``' elements and its options (``from_config`` reads them from
-    ``config.data`` as ``pipeline.build_dataset`` does).
+    ``config.data`` as ``pipeline.build_dataset`` does, ``synth.options_from_config``), and
+    ``shapes``: the probability that a pair's anatomy is random shapes (``_shape_labels``).
 
     ``batch(i)``: batch i (pairs ``i * batch_size`` to ``(i + 1) * batch_size - 1`` of the
     stream of ``seed``), one jitted program, shared by every generator of the same shape, batch
@@ -217,16 +225,8 @@ class DeviceSynthBrain:
             shape=tuple(data.image_size),
             batch_size=int(data.batch_size),
             seed=int(seed),
-            max_mm=float(data.synth_max_mm),
-            affine=tuple(data.synth_affine),
-            same_contrast=float(data.synth_same_contrast),
-            real_contrast=float(data.synth_real_contrast),
-            pair_max_mm=float(data.get("synth_pair_max_mm", data.synth_max_mm)),
-            pair_affine=tuple(data.get("synth_pair_affine", data.synth_affine)),
-            scale_mm=tuple(data.get("synth_scale_mm", SCALE_MM)),
-            detail_mm=float(data.get("synth_detail_mm", 0.0)),
-            detail_scale_mm=tuple(data.get("synth_detail_scale_mm", DETAIL_SCALE_MM)),
             shapes=float(data.get("synth_shapes", 0.0)),
+            **options_from_config(data),
         )
 
     def batch(self, index: int) -> dict[str, jax.Array]:
