@@ -62,8 +62,9 @@ def create_train_state(config, model, batch: dict[str, np.ndarray]) -> TrainStat
     # generator per parameter shape separately (measured on the tests' tiny model, loaded 2-core
     # CPU: 326 compilations, 81 s eager against one program, 66 s jitted; with
     # jax_threefry_partitionable=False, whose generators compile ~10x faster, 17 s against 7 s).
-    # The non-partitionable generator is used here only: the initial values are drawn once, on
-    # one device, and resuming restores them from the checkpoint.
+    # The non-partitionable generator is used here (the initial values are drawn once, on one
+    # device, and resuming restores them from the checkpoint) and for the device pairs
+    # (synth_device), whatever the process's setting; training's own draws keep JAX's default.
     with jax.threefry_partitionable(False):
         variables = jax.jit(model.init)(
             jax.random.key(config.seed), jnp.asarray(batch["fixed"]), jnp.asarray(batch["moving"])
