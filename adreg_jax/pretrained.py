@@ -55,19 +55,30 @@ def _training_spacing(config: ml_collections.ConfigDict) -> list[float] | None:
 
 
 def export(
-    workdir: str | Path, name: str, out_dir: str | Path = WEIGHTS, which: str = "best"
+    workdir: str | Path,
+    name: str,
+    out_dir: str | Path = WEIGHTS,
+    which: str | int = "best",
+    average: Sequence[int] = (),
 ) -> Path:
-    """Write ``out_dir/NAME.npz`` from the best (or, ``which="latest"``, the latest) checkpoint
-    of the train.py run in ``workdir``
-    (parameters float16) and, when none exists, a model card ``NAME.md`` with what the run
-    recorded; returns the npz path. Refuses a file over 30 MB."""
+    """Write ``out_dir/NAME.npz`` from the best (``which="latest"``: the latest; a number: that
+    step's) checkpoint of the train.py run in ``workdir``, or with ``average`` the mean of the
+    parameters of those steps' checkpoints (a uniform average of weights along one run, as
+    stochastic weight averaging takes it), parameters in float16, and, when none exists, a model
+    card ``NAME.md`` with what the run recorded; returns the npz path. Refuses a file over 30 MB."""
     import jax
 
     from adreg_jax.training import restore_for_inference
 
     workdir, out_dir = Path(workdir), Path(out_dir)
-    config, model, variables = restore_for_inference(workdir, which)
-    flat = traverse_util.flatten_dict(jax.device_get(variables["params"]), sep="/")
+    steps = [int(step) for step in average] or [which]
+    flats = []
+    for step in steps:
+        config, model, variables = restore_for_inference(workdir, step)
+        flats.append(traverse_util.flatten_dict(jax.device_get(variables["params"]), sep="/"))
+    flat = {
+        key: np.mean([np.asarray(f[key], np.float64) for f in flats], axis=0) for key in flats[0]
+    }
     arrays = {_PARAM_PREFIX + key: np.asarray(value, np.float16) for key, value in flat.items()}
     for key, value in arrays.items():
         if not np.all(np.isfinite(value)):
@@ -81,6 +92,7 @@ def export(
         },
         "source": {
             "workdir": str(workdir),
+            "checkpoint": f"the mean of steps {steps}" if average else f"{which} checkpoint",
             "seed": int(config.seed),
             "loss": config.loss.to_dict(),
         },
@@ -118,7 +130,8 @@ def _model_card(name: str, workdir: Path, record: dict, flat: dict) -> str:
     parts = [
         f"# Model card: {name}",
         "",
-        f"- Exported from the train.py run `{workdir}` (best checkpoint), parameters in float16.",
+        f"- Exported from the train.py run `{workdir}` ({record['source']['checkpoint']}), "
+        "parameters in float16.",
         f"- Parameters: {count}.",
         f"- Training data: `{record['data']['dataset']}` at {record['data']['image_size']} "
         f"voxels, spacing {record['data']['spacing']} mm.",
@@ -181,12 +194,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     export_parser.add_argument(
         "--out-dir", default=str(WEIGHTS), help="where NAME.npz and NAME.md go"
     )
-    export_parser.add_argument(
+    which = export_parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint"
+    )
+    which.add_argument(
+        "--average",
+        type=int,
+        nargs="+",
+        default=(),
+        metavar="STEP",
+        help="the mean of these steps' parameters instead of one checkpoint",
     )
     args = parser.parse_args(argv)
     try:
-        export(args.workdir, args.name, args.out_dir, args.checkpoint)
+        export(args.workdir, args.name, args.out_dir, args.checkpoint, args.average)
     except (ValueError, FileNotFoundError) as error:
         print(f"adreg_jax.pretrained: error: {error}", file=sys.stderr)
         return 1

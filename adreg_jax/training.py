@@ -280,21 +280,30 @@ def _check_workdir(workdir: Path, config) -> None:
 
 
 def restore_for_inference(
-    workdir: str | Path, which: str = "best"
+    workdir: str | Path, which: str | int = "best"
 ) -> tuple[ml_collections.ConfigDict, Any, dict]:
     """(config, module, variables) of a run dir: its best checkpoint by ``train.best_metric``
-    (the latest when none has a validation metric), or with ``which="latest"`` the latest."""
+    (the latest when none has a validation metric), with ``which="latest"`` the latest, or with
+    a step number that step's."""
     workdir = Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path}: no config.json; is {workdir} a training workdir?")
-    if which not in ("best", "latest"):
-        raise ValueError(f"which must be 'best' or 'latest'; got {which!r}")
+    if which not in ("best", "latest") and not isinstance(which, int):
+        raise ValueError(f"which must be 'best', 'latest' or a step number; got {which!r}")
     config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
     manager = _checkpoint_manager(workdir, config.train)
-    step = manager.best_step() if which == "best" else None
-    if step is None:
-        step = manager.latest_step()
+    if isinstance(which, int):
+        if which not in manager.all_steps():
+            raise FileNotFoundError(
+                f"{workdir / 'checkpoints'}: no checkpoint of step {which}; it holds steps "
+                f"{sorted(manager.all_steps())}"
+            )
+        step = which
+    else:
+        step = manager.best_step() if which == "best" else None
+        if step is None:
+            step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint to restore")
     model = build_model(config.model)

@@ -1,6 +1,7 @@
 """Packaged pretrained models: export a tiny train.py run, load it by name, --model."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +129,41 @@ def test_export_command_refuses_weights_over_the_limit(tiny_run, tmp_path, monke
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "big.npz" in error and "at most 0 MB" in error
     assert not list(tmp_path.glob("*.npz"))
+
+
+def test_export_averages_the_parameters_of_the_steps_asked_for(tiny_run, tmp_path, capsys):
+    """A second checkpoint whose parameters are the first's + 1: their average is the first's
+    + 0.5; a step the run does not hold is refused, naming those it holds."""
+    source, _ = tiny_run
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    config, _, variables = training.restore_for_inference(workdir)
+    params = jax.tree.map(lambda p: p + 1.0, variables["params"])
+    tree = {
+        "step": 2,
+        "params": params,
+        "opt_state": training.make_optimizer(config.train).init(params),
+    }
+    manager = training._checkpoint_manager(workdir, config.train)
+    manager.save(
+        2,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(tree), progress=ocp.args.JsonSave({"best": None})
+        ),
+    )
+    manager.wait_until_finished()
+    out = tmp_path / "weights"
+    argv = ["export", "--workdir", str(workdir), "--name", "soup", "--out-dir", str(out)]
+    assert pretrained.main([*argv, "--average", "1", "2"]) == 0
+    _, _, averaged = pretrained.load_file(out / "soup.npz")
+    loaded = traverse_util.flatten_dict(averaged["params"])
+    first = traverse_util.flatten_dict(jax.device_get(variables["params"]))
+    for key, value in first.items():
+        np.testing.assert_allclose(loaded[key], value + 0.5, rtol=1e-3, atol=1e-3, err_msg=key)
+    assert "the mean of steps [1, 2]" in (out / "soup.md").read_text()
+    assert pretrained.main([*argv, "--average", "1", "3"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "no checkpoint of step 3; it holds steps [1, 2]" in error
 
 
 def _write(path, array):
