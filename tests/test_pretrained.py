@@ -37,21 +37,26 @@ def tiny_run(tmp_path_factory):
         lambda s: jnp.asarray(rng.normal(scale=0.1, size=s.shape).astype(np.float32)), shapes
     )
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    _save_checkpoint(workdir, config, params, step=1)
+    path = pretrained.export(workdir, "tiny", tmp_path_factory.mktemp("weights"))
+    return workdir, path
+
+
+def _save_checkpoint(workdir, config, params, step):
+    """A checkpoint as train.py writes it, of ``params`` and a fresh optimiser state."""
     tree = {
-        "step": 0,
+        "step": step - 1,
         "params": params,
         "opt_state": training.make_optimizer(config.train).init(params),
     }
     manager = training._checkpoint_manager(workdir, config.train)
     manager.save(
-        1,
+        step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(tree), progress=ocp.args.JsonSave({"best": None})
         ),
     )
     manager.wait_until_finished()
-    path = pretrained.export(workdir, "tiny", tmp_path_factory.mktemp("weights"))
-    return workdir, path
 
 
 class ConstantField:
@@ -138,20 +143,7 @@ def test_export_averages_the_parameters_of_the_steps_asked_for(tiny_run, tmp_pat
     workdir = tmp_path / "run"
     shutil.copytree(source, workdir)
     config, _, variables = training.restore_for_inference(workdir)
-    params = jax.tree.map(lambda p: p + 1.0, variables["params"])
-    tree = {
-        "step": 2,
-        "params": params,
-        "opt_state": training.make_optimizer(config.train).init(params),
-    }
-    manager = training._checkpoint_manager(workdir, config.train)
-    manager.save(
-        2,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(tree), progress=ocp.args.JsonSave({"best": None})
-        ),
-    )
-    manager.wait_until_finished()
+    _save_checkpoint(workdir, config, jax.tree.map(lambda p: p + 1.0, variables["params"]), 2)
     out = tmp_path / "weights"
     argv = ["export", "--workdir", str(workdir), "--name", "soup", "--out-dir", str(out)]
     assert pretrained.main([*argv, "--average", "1", "2"]) == 0
