@@ -94,7 +94,10 @@ version (0.661 / 0.662 / 0.639) and 0.665 on the test pairs (shipped 0.673), dat
 2.0-2.5 steps/s: measure the host's pairs/s first (``benchmarks/bench_data.py --config
 configs/brain.py --workers ...``) and give one run most of the host's cores
 (``--config.data.num_workers``): the five variants' 15 workers made about 11 pairs/s together.
-Measured results: the model card (adreg_jax/weights/brain.md).
+Fine-tuning the shipped weights on device pairs on the CPU (2400 steps, about 2 hours, 2026-12-07)
+moved the real pairs no more than its checkpoints differ from each other: what this needs is the
+GPU's step count, not more CPU hours. Measured results: the model card
+(adreg_jax/weights/brain.md).
 
 Why NCC and the known field, measured earlier on this CPU (6 mm, validation pairs): the label
 loss alone left the validation Dice at 0.434 -> 0.435 after 1000 steps (48 x 56 x 48, random
