@@ -3,13 +3,15 @@
     python eval.py --config configs/demo.py --workdir runs/demo
     python eval.py --config configs/demo.py --workdir runs/demo --compare runs/demo_unet
     python eval.py --config configs/demo.py --workdir runs/demo --figures 2
+    python eval.py --config configs/demo.py --workdir runs/demo --checkpoint 150  # a kept step
     python eval.py --config configs/brain.py --workdir runs/brain_pretrained --model brain
     python eval.py --config configs/dirlab.py --workdir runs/dirlab \
         --dirlab_runs runs/dirlab_case1,runs/dirlab_case2,...,runs/dirlab_case10
 
 Writes WORKDIR/eval/metrics.json, per_case.csv, table.md (structures.md for IXI), figures/*.png
 and, with --compare, compare.md and compare.json (each compared run's own evaluation goes to
-WORKDIR/eval/compare/<run name>/); prints the tables. With --dirlab_runs it evaluates nothing: it
+WORKDIR/eval/compare/<run name>/; with --checkpoint N all of it under WORKDIR/eval/step_N/); prints
+the tables. With --dirlab_runs it evaluates nothing: it
 reads the eval/metrics.json that each leave-one-case-out DIR-Lab run already wrote and writes the
 Table-I-like WORKDIR/dirlab_table.md (per-case TRE mean (std) before/after in the original mm,
 landmarks used, the mean over the cases).
@@ -24,7 +26,12 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The configs/*.py file of the run.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory that train.py wrote.")
-_WHICH = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to use.")
+_WHICH = flags.DEFINE_string(
+    "checkpoint",
+    "best",
+    "Which checkpoint: best, latest or a step number (then of every --compare run too; the "
+    "results go to WORKDIR/eval/step_N).",
+)
 _MODEL = flags.DEFINE_string(
     "model",
     None,
@@ -57,6 +64,16 @@ def _dirlab_table(workdir: Path, runs: list[str]) -> None:
     print(f"wrote {workdir}/dirlab_table.md")
 
 
+def _checkpoint(value: str) -> str | int:
+    """--checkpoint's value: "best", "latest" or a step number."""
+    if value in ("best", "latest"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--checkpoint={value}: expected best, latest or a step number") from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -68,33 +85,30 @@ def main(argv):
         if _DIRLAB_RUNS.value:
             _dirlab_table(workdir, _DIRLAB_RUNS.value)
             return
+        which = _checkpoint(_WHICH.value)
+        out = workdir / "eval" if isinstance(which, str) else workdir / "eval" / f"step_{which}"
         result = evaluate_run(
             _CONFIG.value,
             workdir,
-            which=_WHICH.value,
+            which=which,
             figures=_FIGURES.value,
+            out=out,
             pretrained=_MODEL.value,
         )
         print(markdown_table(result["per_case"], result["summary"]))
-        print(f"wrote {workdir}/eval/metrics.json, per_case.csv, table.md, figures/")
+        print(f"wrote {out}/metrics.json, per_case.csv, table.md, figures/")
         if _COMPARE.value:
             results = {workdir.name: result}
             for other in map(Path, _COMPARE.value):
                 name = other.name if other.name not in results else str(other)
                 results[name] = evaluate_run(
-                    _CONFIG.value,
-                    other,
-                    which=_WHICH.value,
-                    figures=0,
-                    out=workdir / "eval" / "compare" / other.name,
+                    _CONFIG.value, other, which=which, figures=0, out=out / "compare" / other.name
                 )
             comparison = compare_runs(results)
-            (workdir / "eval" / "compare.md").write_text(comparison["table"])
-            (workdir / "eval" / "compare.json").write_text(
-                json.dumps(comparison["metrics"], indent=2)
-            )
+            (out / "compare.md").write_text(comparison["table"])
+            (out / "compare.json").write_text(json.dumps(comparison["metrics"], indent=2))
             print(comparison["table"])
-            print(f"wrote {workdir}/eval/compare.md and compare.json")
+            print(f"wrote {out}/compare.md and compare.json")
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

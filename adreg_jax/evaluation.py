@@ -382,13 +382,14 @@ def _jitted_apply(model) -> Any:
 def evaluate_run(
     config,
     workdir: str | Path,
-    which: str = "best",
+    which: str | int = "best",
     figures: int = -1,
     out: str | Path | None = None,
     pretrained: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the run in ``workdir`` on ``config``'s test split; returns the metrics dict.
 
+    ``which``: its checkpoint ("best", "latest" or a step number, ``restore_for_inference``).
     ``pretrained``: the name of a packaged model (``adreg_jax.pretrained.MODELS``) evaluated in
     place of the run's checkpoint; ``workdir`` is then only where the results go.
 

@@ -47,6 +47,16 @@ def test_evaluate_run_writes_tables_and_figures(tiny_run):
         assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_checkpoint_is_chosen_by_its_step(tiny_run, tmp_path):
+    """Step 2, the run's one checkpoint, is its latest; a step it does not hold is refused."""
+    config, workdir = tiny_run
+    by_step = evaluation.evaluate_run(config, workdir, which=2, figures=0, out=tmp_path / "a")
+    latest = evaluation.evaluate_run(config, workdir, "latest", figures=0, out=tmp_path / "b")
+    assert by_step["per_case"] == latest["per_case"]
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 3; it holds steps \[2\]"):
+        evaluation.evaluate_run(config, workdir, which=3, figures=0, out=tmp_path / "c")
+
+
 def test_comparing_a_run_with_itself_gives_equal_columns_and_p_one(tiny_run):
     config, workdir = tiny_run
     first = evaluation.evaluate_run(config, workdir, figures=0, out=workdir / "a")
