@@ -215,7 +215,8 @@ def _initialised_from(
     state: TrainState, source: str, model_config: ml_collections.ConfigDict
 ) -> TrainState:
     """``state`` with the parameters of ``source`` (``train.init_from``: a train.py run
-    directory, its best checkpoint; a weights file written by ``adreg_jax.pretrained.export``;
+    directory, its best checkpoint, or one checkpoint's directory; a weights file written by
+    ``adreg_jax.pretrained.export``;
     or a packaged model's name) and a fresh optimiser state; ``ValueError`` naming ``source``
     when its model differs from ``model_config``."""
     if Path(source).is_dir():
@@ -279,13 +280,25 @@ def _check_workdir(workdir: Path, config) -> None:
     )
 
 
+def run_of(path: str | Path) -> tuple[Path, int | None]:
+    """(the run directory, the step) of a path to a run (step None) or to one of its
+    checkpoints' directories, ``RUN/checkpoints/N`` (step N)."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and path.name.isdigit():
+        return path.parent.parent, int(path.name)
+    return path, None
+
+
 def restore_for_inference(
     workdir: str | Path, which: str | int = "best"
 ) -> tuple[ml_collections.ConfigDict, Any, dict]:
     """(config, module, variables) of a run dir: its best checkpoint by ``train.best_metric``
     (the latest when none has a validation metric), with ``which="latest"`` the latest, or with
-    a step number that step's."""
-    workdir = Path(workdir)
+    a step number that step's. ``workdir`` may also be one checkpoint's directory,
+    ``RUN/checkpoints/N`` (that step; ``which`` is then not used), so that whatever takes a run
+    directory (``adreg-register --checkpoint``, ``train.init_from``) takes a step too."""
+    workdir, step = run_of(workdir)
+    which = which if step is None else step
     config_path = workdir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path}: no config.json; is {workdir} a training workdir?")

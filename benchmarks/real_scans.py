@@ -75,6 +75,7 @@ from adreg_jax import ops
 from adreg_jax.data.nifti import load_nifti, save_nifti
 from adreg_jax.registration import commands, loading
 from adreg_jax.registration.metrics import dice_report
+from adreg_jax.training import run_of
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 FS_GM = (3, 42, 8, 47)  # cerebral cortex L/R, cerebellar cortex L/R
@@ -555,8 +556,11 @@ def _methods(args) -> list[tuple[str, str | None, str | None, list[int] | None]]
     if twice:
         raise ValueError(f"method names given twice: {twice}; give each --checkpoints its own")
     for name, run, _, _ in methods:
-        if run and not (Path(run) / "config.json").is_file():
-            raise ValueError(f"{name}: {run} has no config.json; expected a train.py run directory")
+        if run and not (run_of(run)[0] / "config.json").is_file():
+            raise ValueError(
+                f"{name}: {run} has no config.json; expected a train.py run directory or one of "
+                "its checkpoints (RUN/checkpoints/N)"
+            )
     return methods
 
 

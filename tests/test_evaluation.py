@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -55,6 +56,12 @@ def test_a_checkpoint_is_chosen_by_its_step(tiny_run, tmp_path):
     assert by_step["per_case"] == latest["per_case"]
     with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 3; it holds steps \[2\]"):
         evaluation.evaluate_run(config, workdir, which=3, figures=0, out=tmp_path / "c")
+    # a checkpoint's own directory stands for its run at that step, wherever a run is taken
+    step_dir = workdir / "checkpoints" / "2"
+    _, _, from_dir = training.restore_for_inference(step_dir)
+    _, _, from_run = training.restore_for_inference(workdir, which=2)
+    for got, want in zip(jax.tree.leaves(from_dir), jax.tree.leaves(from_run), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_comparing_a_run_with_itself_gives_equal_columns_and_p_one(tiny_run):

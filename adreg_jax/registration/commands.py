@@ -112,7 +112,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--out/metrics.csv; a rerun skips the pairs done",
     )
     parser.add_argument("--out", required=True)
-    parser.add_argument("--checkpoint", help="a train.py run directory (best checkpoint)")
+    parser.add_argument(
+        "--checkpoint",
+        help="a train.py run directory (its best checkpoint) or one checkpoint of it "
+        "(RUN/checkpoints/N)",
+    )
     parser.add_argument(
         "--model",
         help="a pretrained network shipped in the package (adreg_jax.pretrained.MODELS, e.g. "
