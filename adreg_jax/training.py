@@ -216,9 +216,8 @@ def _initialised_from(
 ) -> TrainState:
     """``state`` with the parameters of ``source`` (``train.init_from``: a train.py run
     directory, its best checkpoint, or one checkpoint's directory; a weights file written by
-    ``adreg_jax.pretrained.export``;
-    or a packaged model's name) and a fresh optimiser state; ``ValueError`` naming ``source``
-    when its model differs from ``model_config``."""
+    ``adreg_jax.pretrained.export``; or a packaged model's name) and a fresh optimiser state;
+    ``ValueError`` naming ``source`` when its model differs from ``model_config``."""
     if Path(source).is_dir():
         config, _, variables = restore_for_inference(source)
     elif source.endswith(".npz"):
