@@ -12,8 +12,9 @@ Writes WORKDIR/eval/metrics.json, per_case.csv, table.md (structures.md for IXI)
 and, with --compare, compare.md and compare.json (each compared run's own evaluation goes to
 WORKDIR/eval/compare/<run name>/; with --checkpoint N all of it under WORKDIR/eval/step_N/); prints
 the tables. With --dirlab_runs it evaluates nothing: it reads the eval/metrics.json that each
-leave-one-case-out DIR-Lab run already wrote and writes the Table-I-like WORKDIR/dirlab_table.md (per-case TRE mean (std) before/after in the original mm,
-landmarks used, the mean over the cases).
+leave-one-case-out DIR-Lab run already wrote and writes the Table-I-like WORKDIR/dirlab_table.md
+(per-case TRE mean (std) before/after in the original mm, landmarks used, the mean over the
+cases).
 """
 
 import json
