@@ -34,7 +34,9 @@ determined by (seed, i) through JAX's counter-based keys (``jax.random.fold_in``
 so a resumed run reads the batches it would have read. They are drawn with
 ``jax_threefry_partitionable`` off whatever the process's setting (JAX's default turned it on in
 0.5; the bits differ between the two), so that a run resumed under another setting, or a test
-that turns it off, reads the same pairs; off, the program also compiles faster.
+that turns it off, reads the same pairs. Off, it is also faster on the CPU: configs/brain.py's
+batch (30 % shapes) 0.53 s against 0.74 s with it on, compiled in 9.2 s against 9.8 s
+(2026-12-07, 2-core CPU, 8 batches each in one process).
 """
 
 from __future__ import annotations
