@@ -3,7 +3,9 @@
     python train.py --config configs/demo.py --workdir runs/demo
     python train.py --config configs/ixi.py --workdir runs/ixi --config.train.learning_rate=1e-4
 
-Running the same command again resumes from the last checkpoint in --workdir.
+Running the same command again resumes from the last checkpoint in --workdir. SIGTERM or Ctrl-C
+stops the run after the step under way and saves it (exit code 128 + the signal's number);
+--config.train.max_minutes=M stops it after M minutes the same way (exit code 0).
 """
 
 import sys
@@ -20,13 +22,15 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    from adreg_jax.training import train_and_evaluate
+    from adreg_jax.training import TrainingInterrupted, train_and_evaluate
 
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except TrainingInterrupted as stop:  # saved, said so: the shell's code for that signal
+        sys.exit(128 + stop.signum)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,11 @@ kept), ``metrics.jsonl`` (one JSON object per log or validation), ``tensorboard/
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -161,6 +164,18 @@ def replicate(tree, mesh):
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
+
+
+class _SavedWithoutMetrics(logging.Filter):
+    """Orbax warns at each save without validation metrics ("Requested `tracked_metric`; did not
+    provide metrics."): here by design, every ``checkpoint_every`` step between validations and
+    at a stop (the best checkpoints are chosen among the validated ones)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_SavedWithoutMetrics())  # Orbax logs through absl
 
 
 def _checkpoint_manager(workdir: Path, train_config) -> ocp.CheckpointManager:
@@ -343,10 +358,65 @@ def evaluate(eval_step, params, dataset, mesh) -> dict[str, float]:
     return {f"val/{k}": float(np.mean(v)) for k, v in sums.items()}
 
 
+# --- stopping before the end ---------------------------------------------------------------------
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGTERM or SIGINT after saving the checkpoint of the step it had begun
+    (``signum``: the signal). Not an error: the same command resumes from there."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _StopSignals:
+    """While training: SIGTERM (what a scheduler's preemption or ``timeout`` sends) and SIGINT
+    (Ctrl-C) ask the loop to stop after the step under way and save it; a second signal acts as
+    it did before (Ctrl-C twice: KeyboardInterrupt at once). Only the main thread can take
+    signals: elsewhere the handlers are left as they are."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._take)
+        return self
+
+    def _take(self, signum, frame) -> None:
+        self.received = signum
+        signal.signal(signum, self._previous[signum])
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+def _agreed(stop: bool) -> bool:
+    """Whether to stop, the same on every process of a multi-process run (each decides on its own
+    clock and signals; one that stopped alone would leave the others waiting in a collective)."""
+    if jax.process_count() == 1:
+        return stop
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(stop))))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
-    """Train (or resume) the run of ``config`` in ``workdir``; returns the final metrics."""
+    """Train (or resume) the run of ``config`` in ``workdir``; returns the final metrics.
+
+    The run stops early, saving the checkpoint of its last step so that the same call resumes it,
+    after ``train.max_minutes`` of wall time in this call (0: no limit; it returns) or on SIGTERM
+    or SIGINT (it raises ``TrainingInterrupted``)."""
     from tensorboardX import SummaryWriter
     from tqdm import tqdm
+
+    called = time.perf_counter()
+    budget_s = 60.0 * float(config.train.get("max_minutes", 0.0))
 
     maybe_initialize_distributed()
     workdir = Path(workdir)
@@ -388,6 +458,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     patience = int(config.train.early_stopping_patience)
     last: dict[str, float] = {}
     stopped_early = False
+    stopped_by = None  # "train.max_minutes", or the signal's name
 
     def log(step: int, values: dict[str, float]) -> None:
         with log_path.open("a") as f:
@@ -395,6 +466,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         for key, value in values.items():
             writer.add_scalar(key, value, step)
 
+    signals = _StopSignals().install()
     try:
         bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
         started = time.perf_counter()
@@ -427,7 +499,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 log(step, {**metrics, "steps_per_s": rate, "data_wait_fraction": data_wait})
                 waited, since = 0.0, None  # restarted after this step's validation and save
             at_eval = step % int(config.train.eval_every) == 0 or step == steps
-            at_save = at_eval or step % int(config.train.checkpoint_every) == 0
+            over_time = budget_s > 0 and time.perf_counter() - called >= budget_s
+            if step < steps and _agreed(over_time or signals.received is not None):
+                if signals.received is not None:
+                    stopped_by = signal.Signals(signals.received).name
+                else:
+                    stopped_by = "train.max_minutes" if over_time else "another process's signal"
+            at_save = at_eval or step % int(config.train.checkpoint_every) == 0 or stopped_by
             val = None
             if at_eval:
                 val = evaluate(eval_step, state.params, val_data, mesh)
@@ -453,6 +531,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 )
             if since is None:
                 since = time.perf_counter()
+            if stopped_by:
+                break
             if patience > 0 and progress["since_best"] >= patience:
                 bar.write(
                     f"early stopping at step {step}: {best_metric} has not improved for "
@@ -464,6 +544,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         manager.wait_until_finished()
     finally:  # also when the run fails: an open writer errs at interpreter exit
         writer.close()
+        signals.restore()
+    if stopped_by:
+        message = (
+            f"stopped by {stopped_by} at step {step}/{steps}, its checkpoint saved in "
+            f"{workdir / 'checkpoints'}: the same command resumes the run from there"
+        )
+        print(message)
+        if signals.received is not None:
+            raise TrainingInterrupted(message, signals.received)
+        return last
     summary = {k: v for k, v in last.items() if k.startswith("val/")}
     parts = [f"done: step {step}/{steps}" + (" (early stop)" if stopped_early else "")]
     parts += [f"{k}={v:.4f}" for k, v in sorted(summary.items())]

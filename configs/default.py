@@ -128,6 +128,11 @@ def get_config() -> ml_collections.ConfigDict:
     train.best_mode = "max"
     train.early_stopping_patience = 20  # evaluations without improvement; <= 0 disables
     train.overwrite = False
+    # > 0: stop after this many minutes of wall time (from train_and_evaluate's start: data,
+    # initialisation and compilation count, Python's imports before it do not), saving the last
+    # step: the same command goes on from there (a scheduler's time limit; SIGTERM and Ctrl-C
+    # stop and save the same way at any time)
+    train.max_minutes = 0.0
     # a fresh run's starting parameters: a train.py run directory (its best checkpoint), a
     # weights file (.npz, adreg_jax.pretrained.export) or a packaged model's name (e.g. "brain");
     # "" = random initialisation

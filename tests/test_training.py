@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -243,3 +244,42 @@ def test_non_finite_loss_stops_the_run_with_a_clear_error(tmp_path, monkeypatch)
     with pytest.raises(FloatingPointError, match="non-finite training loss nan at step 1"):
         training.train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "checkpoints" / "1").exists()
+
+
+def test_sigterm_and_the_time_limit_stop_the_run_after_saving(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's preemption) during step 2 ends the run once step 2 is saved; the
+    same call resumes it, and ``train.max_minutes`` stops it the same way (here after its first
+    step)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    real_make_iterator = training.make_iterator
+
+    class SignalledIterator:
+        """The real stream; SIGTERM to this process as batch 2 is read."""
+
+        def __init__(self, *args, **kwargs):
+            self.inner, self.read = real_make_iterator(*args, **kwargs), 0
+
+        def __next__(self):
+            self.read += 1
+            if self.read == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return next(self.inner)
+
+    monkeypatch.setattr(training, "make_iterator", SignalledIterator)
+    before = signal.getsignal(signal.SIGTERM)
+    config = tiny_config()
+    config.train.checkpoint_every = 100  # only the stops save
+    with pytest.raises(training.TrainingInterrupted) as stop:
+        training.train_and_evaluate(config, tmp_path)
+    assert stop.value.signum == signal.SIGTERM
+    assert "stopped by SIGTERM at step 2/6" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2]
+
+    monkeypatch.setattr(training, "make_iterator", real_make_iterator)
+    config.train.max_minutes = 1e-9
+    training.train_and_evaluate(config, tmp_path)
+    out = capsys.readouterr().out
+    assert "resuming from step 2" in out and "stopped by train.max_minutes at step 3/6" in out
+    assert max(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == 3

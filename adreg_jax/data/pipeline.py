@@ -14,6 +14,7 @@ import functools
 import itertools
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -328,8 +329,11 @@ def make_iterator(
 def _exit_with_parent(worker_index: int, worker_count: int) -> None:
     """Grain worker start-up: a daemon thread ends the worker once its parent is gone. Without
     it, a training run ended by a signal (kill, a scheduler's time limit) left its workers
-    running, orphaned, each holding memory and CPU time until killed by hand."""
+    running, orphaned, each holding memory and CPU time until killed by hand. Ctrl-C, which the
+    terminal sends to the workers too, is the training process's to handle (it saves and stops;
+    the workers end with it): a worker ignores it, instead of dying with a traceback."""
     del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = multiprocessing.parent_process()  # the training process (gone already: reparented)
     parent_pid = parent.pid if parent is not None else os.getppid()
 
