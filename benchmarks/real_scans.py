@@ -525,37 +525,49 @@ def method_dir(method: str) -> str:
     return re.sub(r"[^\w.+()=-]", "_", method)
 
 
-def _methods(args) -> list[tuple[str, str | None, str | None, list[int] | None]]:
-    """(row name, checkpoint, pretrained model, instance steps) of each adreg method asked for,
-    in table order; ``ValueError`` for a malformed ``--checkpoints`` entry, a run directory
-    without a config.json, an unknown model or a row name given twice."""
+def _methods(args) -> list[tuple[str, str | None, str | None, list[int] | None, list[str]]]:
+    """(row name, checkpoint, pretrained model, instance steps, more flags) of each adreg method
+    asked for, in table order; ``ValueError`` for a malformed ``--checkpoints`` entry, a run
+    directory without a config.json, an unknown model, a row name given twice or
+    ``--network-scales`` without a network."""
     methods = []
+    scales = [] if args.network_scales is None else [f"{s:g}" for s in args.network_scales]
+    passes = ["--network-scales", *scales]
     if args.checkpoint:
         methods += [
-            ("AD-RegNet", args.checkpoint, None, [0]),
-            ("AD-RegNet + instance opt.", args.checkpoint, None, args.steps),
+            ("AD-RegNet", args.checkpoint, None, [0], []),
+            ("AD-RegNet + instance opt.", args.checkpoint, None, args.steps, []),
         ]
+        if scales:
+            methods.append(
+                (f"AD-RegNet, scales {' '.join(scales)}", args.checkpoint, None, [0], passes)
+            )
     if args.model:
         from adreg_jax import pretrained
 
         pretrained.weights_path(args.model)  # an unknown name: the error lists the known ones
         methods += [
-            (f"AD-RegNet pretrained ({args.model})", None, args.model, [0]),
-            ("AD-RegNet pretrained + instance opt.", None, args.model, args.steps),
+            (f"AD-RegNet pretrained ({args.model})", None, args.model, [0], []),
+            ("AD-RegNet pretrained + instance opt.", None, args.model, args.steps, []),
         ]
+        if scales:
+            name = f"AD-RegNet pretrained, scales {' '.join(scales)}"
+            methods.append((name, None, args.model, [0], passes))
+    if scales and not (args.checkpoint or args.model):
+        raise ValueError("--network-scales needs --model or --checkpoint")
     for entry in args.checkpoints:
         name, sep, run = entry.partition("=")
         if not (sep and name and run):
             raise ValueError(f"--checkpoints {entry!r}: expected NAME=RUN_DIR")
-        methods.append((name, run, None, [0]))
-    methods.append(("instance opt. only", None, None, args.steps))
+        methods.append((name, run, None, [0], []))
+    methods.append(("instance opt. only", None, None, args.steps, []))
     if args.unet:
-        methods.append(("U-Net baseline", args.unet, None, [0]))
+        methods.append(("U-Net baseline", args.unet, None, [0], []))
     names = [method[0] for method in methods]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise ValueError(f"method names given twice: {twice}; give each --checkpoints its own")
-    for name, run, _, _ in methods:
+    for name, run, *_ in methods:
         if run and not (run_of(run)[0] / "config.json").is_file():
             raise ValueError(
                 f"{name}: {run} has no config.json; expected a train.py run directory or one of "
@@ -580,6 +592,15 @@ def main(argv=None) -> int:
         default=[],
         metavar="NAME=RUN_DIR",
         help="more train.py runs, one network-only row each, named NAME (e.g. ablation variants)",
+    )
+    parser.add_argument(
+        "--network-scales",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="SCALE",
+        help="one more network-only row for --model / --checkpoint, its passes on these scales "
+        "(adreg-register --network-scales)",
     )
     parser.add_argument("--unet", help="a U-Net baseline run directory")
     parser.add_argument(
@@ -636,7 +657,7 @@ def main(argv=None) -> int:
     for name in args.pairs:
         pair = pairs[name]
         rows = {}
-        for method, checkpoint, model, steps in methods:
+        for method, checkpoint, model, steps, flags in methods:
             if model and name in CT_PAIRS:
                 continue
             rows[method] = run_adreg(
@@ -647,6 +668,7 @@ def main(argv=None) -> int:
                 cache=str(out / "xla_cache"),
                 repeat=args.repeat,
                 model=model,
+                flags=flags,
             )
             print(f"{name}: {method}: {json.dumps(rows[method])}", flush=True)
         if ants_ok:

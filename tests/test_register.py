@@ -80,6 +80,10 @@ def test_bad_inputs_exit_non_zero_naming_the_file(pair, tmp_path, capsys):
     assert "3-D" in capsys.readouterr().err
     assert main([*args, "--instance-steps", "5", "5", "5"]) == 1
     assert "one per level" in capsys.readouterr().err
+    assert main([*args, "--network-scales", "1", "2"]) == 1
+    assert "--network-scales 1.0 2.0 needs a network" in capsys.readouterr().err
+    assert main([*args, "--model", "brain", "--network-scales", "1", "-2"]) == 1
+    assert "give numbers > 0" in capsys.readouterr().err
 
 
 def textured_ellipsoid(shape=(32, 32, 32), radii=(11.0, 8.0, 6.0)):
@@ -570,3 +574,44 @@ def test_a_network_field_that_lowers_the_similarity_is_dropped_unless_kept(capsy
     args.keep_network = True
     kept, record = _checked_network_field(field(-1.0), args, (jnp.ones((1, *SHAPE, 1)),) * 2)
     assert kept is not None and record["network_kept"] and record["network_objective_gain"] < 0
+
+
+def test_network_passes_see_the_moving_image_warped_by_the_passes_before(monkeypatch):
+    """``network_field(scales=...)``, one pass per scale, with a stand-in network that finds half
+    of a blob's shift (from the centres of mass of what it is shown): one pass finds 1/2 of it,
+    two 3/4, three 7/8, as each pass sees what the ones before left; a pass on a grid twice as
+    fine per axis finds the same millimetres, and the field comes back on the fixed grid in its
+    voxels."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    from adreg_jax.registration import deformable
+
+    def half_the_shift(variables, fixed, moving):
+        grid = jnp.stack(jnp.meshgrid(*(jnp.arange(n) for n in fixed.shape[1:4]), indexing="ij"))
+
+        def centre(image):
+            weights = image[None, 0, ..., 0]
+            return (grid * weights).sum((1, 2, 3)) / weights.sum()
+
+        shift = 0.5 * (centre(moving) - centre(fixed))  # pulls the moving blob onto the fixed
+        return {"ddf": jnp.broadcast_to(shift, (1, *fixed.shape[1:4], 3))}
+
+    config = ml_collections.ConfigDict(
+        {"data": {"image_size": (12, 12, 12)}, "model": {"channels": (4, 8)}}
+    )
+    monkeypatch.setattr(deformable, "restored_network", lambda c, m: (config, half_the_shift, {}))
+    grid = np.indices(SHAPE).astype(np.float32)
+    centre = np.asarray(SHAPE, np.float32)[:, None, None, None] / 2
+    fixed = ndimage.gaussian_filter((np.sqrt(((grid - centre) ** 2).sum(0)) < 5) * 1.0, 1.5)
+    shift = np.asarray([3.0, -2.0, 1.0])  # voxels of the fixed grid
+    moving = ndimage.shift(fixed, shift, order=1)
+    fixed_j, moving_j = (jnp.asarray(x, jnp.float32)[None, ..., None] for x in (fixed, moving))
+    for scales, found in (((1,), 0.5), ((1, 1), 0.75), ((1, 1, 1), 0.875), ((2, 2), 0.75)):
+        field = deformable.network_field(None, fixed_j, moving_j, model="stub", scales=scales)
+        assert field.ddf.shape == (1, *SHAPE, 3)
+        assert field.grid_ddf.shape == (1, *(12 * scales[-1],) * 3, 3), scales
+        centre_ddf = field.ddf[0, 12, 12, 12]
+        np.testing.assert_allclose(centre_ddf, found * shift, atol=0.1, err_msg=str(scales))
+    with pytest.raises(ValueError, match="give one or more numbers > 0"):
+        deformable.network_field(None, fixed_j, moving_j, model="stub", scales=(1, 0))

@@ -2,8 +2,8 @@
 applied to another image, label map or point set).
 
     adreg-register --fixed subject.nii.gz --moving atlas.nii.gz --out results/ \
-        [--checkpoint runs/demo | --model brain [--keep-network]] [--affine] \
-        [--similarity ncc|mi] [--instance-steps 60 20] [--moving-seg S --fixed-seg S] \
+        [--checkpoint runs/demo | --model brain [--keep-network] [--network-scales 1 1.6 1.6]] \
+        [--affine] [--similarity ncc|mi] [--instance-steps 60 20] [--moving-seg S --fixed-seg S] \
         [--fixed-points P --moving-points P] [--inverse]
     adreg-register --pairs pairs.csv --out cohort/ [same options]
     adreg-apply --transform results/ --moving image.nii.gz --out warped.nii.gz \
@@ -31,7 +31,9 @@ level's grid, coarse to fine over two levels (``--levels``; by default the finer
 network's DDF (used as the initial velocity) or from zero, so the command registers with no
 trained model. With ``--instance-steps 0`` the network's field is the result, kept only when it
 raises the similarity over the affine stage alone (``pipeline._checked_network_field``;
-``--keep-network``: always).
+``--keep-network``: always). ``--network-scales``: the network applied once per value, each on
+its grid made that many times finer, to the moving image warped by the passes before
+(``deformable.network_field``).
 
 Outputs: see ``pipeline`` (warped.nii.gz in the moving scan's own intensities, the transform
 files of ``transform_io``, jacobian.nii.gz, warped_seg.nii.gz, metrics.json, overview.png). Point
@@ -129,6 +131,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="with --instance-steps 0, the network's field is the result even when it lowers "
         "the similarity (by default it is then dropped for the affine stage's alone; "
         "metrics.json: network_kept, network_objective_gain)",
+    )
+    parser.add_argument(
+        "--network-scales",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="SCALE",
+        help="one pass of the network per value, each on its training grid made SCALE times "
+        "finer per axis, on the moving image warped by the passes before it (default: 1, one "
+        "pass on the training grid; e.g. 1 2 2 for the brain model, see the README)",
     )
     parser.add_argument("--fixed-seg")
     parser.add_argument("--moving-seg")

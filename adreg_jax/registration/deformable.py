@@ -308,8 +308,12 @@ resize_ddf = programs.jit(ops.resize_ddf, static_argnums=1)
 
 @functools.lru_cache(maxsize=4)
 def restored_network(checkpoint: str | None, model: str | None = None):
-    """(config, jitted model.apply, variables) of a run directory (``checkpoint``) or of a
-    packaged pretrained model (``model``, ``adreg_jax.pretrained``), restored once per process."""
+    """(config, model.apply as a program, variables) of a run directory (``checkpoint``) or of
+    a packaged pretrained model (``model``, ``adreg_jax.pretrained``), restored once per
+    process. As a program (``programs.jit``, keyed by the model's config) the forward pass is
+    compiled with the registration programs' options (the 4 mm brain model on a 2 mm grid, 96 x
+    112 x 96: 2.06 s against 3.01 s under plain ``jax.jit``; on its 4 mm grid 0.29 s either way)
+    and kept on disk, so a later command reads it instead of compiling it."""
     if model is not None:
         from adreg_jax.pretrained import load
 
@@ -318,7 +322,7 @@ def restored_network(checkpoint: str | None, model: str | None = None):
         from adreg_jax.training import restore_for_inference
 
         config, module, variables = restore_for_inference(checkpoint)
-    return config, jax.jit(module.apply), variables
+    return config, programs.jit(module.apply, key=config.model.to_json_best_effort()), variables
 
 
 def network_grid(
@@ -345,12 +349,17 @@ class NetworkField(NamedTuple):
     grid_ddf: jnp.ndarray
 
 
+_warp = programs.jit(ops.warp)
+_compose = programs.jit(ops.compose)
+
+
 def network_field(
     checkpoint: str | None,
     fixed: jnp.ndarray,
     moving: jnp.ndarray,
     model: str | None = None,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    scales: Sequence[float] = (1.0,),
 ) -> NetworkField:
     """The trained network's field: the best checkpoint of a train.py run directory
     (``checkpoint``) or a packaged pretrained model (``model``, a name of
@@ -359,16 +368,30 @@ def network_field(
     The network runs on ``network_grid``: the fixed scan's extent (``spacing``: its voxel size in
     mm) in as many voxels as the run's training images (``config.data.image_size``); its field is
     resized (and rescaled per axis) back to the fixed grid.
+
+    ``scales``: one pass of the network per value, each on that grid made ``scale`` times finer
+    along every axis (2: voxels half as wide as in training), on the moving image warped by the
+    fields of the passes before it; the fields are composed (a test-time cascade of one network:
+    each pass finds part of what is left, the finer ones finer detail). The ``NetworkField``'s
+    grid is the last pass's.
     """
+    if not scales or any(not float(s) > 0 for s in scales):
+        raise ValueError(f"network scales {list(scales)}: give one or more numbers > 0")
     config, apply, variables = restored_network(checkpoint, model)
-    net_shape = network_grid(
-        fixed.shape[1:4],
-        spacing,
-        int(np.prod(config.data.image_size)),
-        2 ** (len(config.model.channels) - 1),
-    )
-    net_fixed, net_moving = resize_image(fixed, net_shape), resize_image(moving, net_shape)
-    grid_ddf = apply(variables, net_fixed, net_moving)["ddf"]
-    return NetworkField(
-        resize_ddf(grid_ddf, tuple(fixed.shape[1:4])), net_fixed, net_moving, grid_ddf
-    )
+    voxels = int(np.prod(config.data.image_size))
+    multiple = 2 ** (len(config.model.channels) - 1)
+    on_grid: dict[tuple[int, ...], tuple[jnp.ndarray, jnp.ndarray]] = {}
+    total = None
+    for scale in scales:
+        shape = network_grid(fixed.shape[1:4], spacing, round(voxels * scale**3), multiple)
+        if shape not in on_grid:
+            on_grid[shape] = resize_image(fixed, shape), resize_image(moving, shape)
+        net_fixed, net_moving = on_grid[shape]
+        if total is None:
+            total = apply(variables, net_fixed, net_moving)["ddf"]
+            continue
+        if tuple(total.shape[1:4]) != shape:
+            total = resize_ddf(total, shape)
+        rest = apply(variables, net_fixed, _warp(net_moving, total))["ddf"]
+        total = _compose(total, rest)  # warping by total, then by rest
+    return NetworkField(resize_ddf(total, tuple(fixed.shape[1:4])), net_fixed, net_moving, total)

@@ -118,6 +118,12 @@ def check_options(args: argparse.Namespace) -> None:
 
         weights_path(model)  # an unknown name fails here, before any scan is read
     network = bool(args.checkpoint or model)
+    scales = getattr(args, "network_scales", None)
+    if scales is not None and not network:
+        raise ValueError(f"--network-scales {' '.join(map(str, scales))} needs a network: give "
+                         "--model or --checkpoint")  # fmt: skip
+    if scales is not None and (not scales or min(scales) <= 0):
+        raise ValueError(f"--network-scales {' '.join(map(str, scales))}: give numbers > 0")
     if max(steps) <= 0 and not network and not args.affine:
         raise ValueError(
             "nothing to do: give --checkpoint or --model, --affine and/or --instance-steps > 0"
@@ -290,7 +296,10 @@ def register_pair(
     initial = None
     checked = {}
     if args.checkpoint or model:
-        field = network_field(args.checkpoint, fixed_j, source, model=model, spacing=spacing)
+        field = network_field(
+            args.checkpoint, fixed_j, source, model=model, spacing=spacing,
+            scales=getattr(args, "network_scales", None) or (1.0,),
+        )  # fmt: skip
         initial = field.ddf
         if max(steps) <= 0:  # the network's field is the result: kept if it raises the similarity
             initial, checked = _checked_network_field(field, args, masks)

@@ -67,16 +67,17 @@ def directory() -> Path | None:
 
 @functools.cache
 def _code_version() -> str:
-    """A hash of the Python source of the registration stages and array functions, and of the
-    versions that decide what a program computes and how it was compiled."""
+    """A hash of the Python source of the registration stages, the array functions and the
+    models (a network's forward pass is a program too), and of the versions that decide what a
+    program computes and how it was compiled."""
     digest = hashlib.sha256()
     package = Path(__file__).resolve().parents[1]
-    # what the programs are made of: the registration stages and the array functions they call
-    for folder in ("ops", "registration"):
+    # what the programs are made of: the registration stages and the functions they call
+    for folder in ("ops", "registration", "models"):
         for path in sorted((package / folder).rglob("*.py")):
             digest.update(str(path.relative_to(package)).encode())
             digest.update(path.read_bytes())
-    for name in ("jax", "jaxlib", "optax"):
+    for name in ("jax", "jaxlib", "optax", "flax"):
         try:
             version = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
