@@ -531,7 +531,7 @@ def _methods(args) -> list[tuple[str, str | None, str | None, list[int] | None, 
     directory without a config.json, an unknown model, a row name given twice or
     ``--network-scales`` without a network."""
     methods = []
-    scales = [] if args.network_scales is None else [f"{s:g}" for s in args.network_scales]
+    scales = args.network_scales or []
     passes = ["--network-scales", *scales]
     if args.checkpoint:
         methods += [
@@ -595,12 +595,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--network-scales",
-        type=float,
         nargs="+",
-        default=None,
-        metavar="SCALE",
-        help="one more network-only row for --model / --checkpoint, its passes on these scales "
-        "(adreg-register --network-scales)",
+        help="one more network-only row for --model / --checkpoint, these values passed to "
+        "adreg-register --network-scales (which checks them)",
     )
     parser.add_argument("--unet", help="a U-Net baseline run directory")
     parser.add_argument(
