@@ -69,8 +69,9 @@ def field_errors(true: np.ndarray, found: np.ndarray, inside: np.ndarray, spacin
 FIELDS = (((16.0, 48.0), 20.0), ((8.0, 16.0), 12.0))
 
 
-def real_rows(pairs: dict, count: int, checkpoint, model) -> list[tuple[str, list]]:
-    """Known-field pairs made from each real scan, registered by ``network_field``."""
+def real_rows(pairs: dict, count: int, checkpoint, model, scales=(1.0,)) -> list[tuple[str, list]]:
+    """Known-field pairs made from each real scan, registered by ``network_field`` (its passes
+    on ``scales``, adreg-register's ``--network-scales``)."""
     rows = []
     for name, key in (("MNI152 template", "mni_to_scan"), ("OASIS test_scan", "scan_to_mni")):
         path, seg_path = str(pairs[key]["moving"]), str(pairs[key]["moving_seg"])
@@ -89,6 +90,7 @@ def real_rows(pairs: dict, count: int, checkpoint, model) -> list[tuple[str, lis
                     jnp.asarray(image)[None, ..., None],
                     model=model,
                     spacing=spacing,
+                    scales=scales,
                 ).ddf
                 inside = _resample(brain.astype(np.float32), true, order=0) > 0
                 results.append(field_errors(true, np.asarray(found)[0], inside, spacing))
@@ -125,6 +127,14 @@ def main(argv=None) -> int:
     which.add_argument("--model", help="a packaged model's name (adreg-register --model)")
     which.add_argument("--checkpoint", help="a train.py run directory (its best checkpoint)")
     parser.add_argument("--pairs", type=int, default=3, help="pairs per source")
+    parser.add_argument(
+        "--network-scales",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="the network's passes on the real scans' pairs (adreg-register --network-scales; "
+        "the synthesised pairs: one pass on its grid)",
+    )
     parser.add_argument("--data", default=str(DATA))
     args = parser.parse_args(argv)
     data = shared_data(args.data)
@@ -133,8 +143,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="known_field_") as work:
         pairs = prepare_brain(data, Path(work))
         rows = synthesised_rows(args.pairs, args.checkpoint, args.model)
-        rows += real_rows(pairs, args.pairs, args.checkpoint, args.model)
-    print(f"network: {args.model or args.checkpoint}; {args.pairs} pairs per source")
+        rows += real_rows(pairs, args.pairs, args.checkpoint, args.model, args.network_scales)
+    scales = " ".join(f"{s:g}" for s in args.network_scales)
+    print(
+        f"network: {args.model or args.checkpoint}, scales {scales}; {args.pairs} pairs per source"
+    )
     print("| pairs | true field mm | end-point error mm | cosine with the true field |")
     print("|---|---|---|---|")
     for name, results in rows:
