@@ -383,7 +383,9 @@ class _StopSignals:
     def install(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._take)
+                previous = signal.signal(signum, self._take)
+                # None: a handler set outside Python, which cannot be set back from it
+                self._previous[signum] = signal.SIG_DFL if previous is None else previous
         return self
 
     def _take(self, signum, frame) -> None:
