@@ -84,6 +84,9 @@ one atlas's are what it needs):
 
 ``data.synth_on_device`` makes each batch in one jitted program on the device that trains on it
 (``adreg_jax/data/synth_device.py``), so no host core synthesises pairs. Not yet run on a GPU.
+On a machine lent for a limited time, add ``--config.train.max_minutes=M`` (M a few minutes
+short of the lease): the run stops with its last step saved, and the same command on the next
+machine, given the run directory, goes on from there.
 On the 2-core CPU it costs time instead (2026-12-07, 60 steps each, ``--config.train.max_steps=60
 --config.train.log_every=20``): steps 20-60 took 2.58 s a step with it against 2.17 s with two
 numpy workers beside the step (``data_wait_fraction`` about 0.01 either way: the device's
