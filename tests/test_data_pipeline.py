@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from adreg_jax.data import generated, pipeline
@@ -188,3 +189,9 @@ def test_pairs_reorient_points_with_oblique_lps_images(tmp_path):
     warped = np.asarray(ops.warp(pair["moving"], ddf))[..., 0]
     inner = tuple(slice(3, -3) for _ in range(3))
     np.testing.assert_allclose(warped[inner], pair["fixed"][..., 0][inner], atol=1e-5)
+
+
+def test_a_data_set_read_from_disk_without_its_root_names_the_option():
+    for dataset, holds in (("dirlab", "DIR-Lab cases"), ("ixi", "atlas.pkl"), ("pairs", "CSV")):
+        with pytest.raises(ValueError, match=f"config.data.root is not set.*{holds}"):
+            pipeline.build_dataset(_config(dataset=dataset, root=""), "train", seed=0)

@@ -159,6 +159,14 @@ class _Resized:
         return element
 
 
+# what config.data.root is for each data set read from disk
+_ROOT_HOLDS = {
+    "dirlab": "the folder of the DIR-Lab cases (Case1Pack ... Case10Pack, Case8Deploy)",
+    "ixi": "the folder of TransMorph's IXI data (atlas.pkl, Train/, Val/, Test/)",
+    "pairs": "the CSV file that lists the NIfTI pairs",
+}
+
+
 def build_source(data: ml_collections.ConfigDict, split: str, seed: int):
     """The random-access source of one split (len and getitem of unbatched pair dicts)."""
     return build_dataset(data, split, seed)
@@ -167,6 +175,11 @@ def build_source(data: ml_collections.ConfigDict, split: str, seed: int):
 def build_dataset(data: ml_collections.ConfigDict, split: str, seed: int) -> grain.MapDataset:
     """Random-access pairs of ``data.dataset`` for ``split`` (no augmentation, no batching)."""
     _check_split(split)
+    if data.dataset in _ROOT_HOLDS and not str(data.get("root", "")):
+        raise ValueError(
+            f"config.data.root is not set; config.data.dataset={data.dataset!r} reads it: give "
+            f"--config.data.root=PATH, {_ROOT_HOLDS[data.dataset]}"
+        )
     if data.dataset == "generated_brain":
         length = {"train": data.train_size, "val": data.val_size, "test": data.test_size}[split]
         source = generated.GeneratedBrainPairs(
