@@ -40,11 +40,20 @@ def pair(tmp_path):
     }
 
 
-def test_registers_a_shifted_blob_without_a_model(pair):
+def test_registers_a_shifted_blob_without_a_model(pair, tmp_path):
+    # landmarks on the blob's surface: the fixed ones as voxel coordinates, the moving ones as
+    # physical points in ANTs' CSV form (LPS mm of the 2 mm diagonal grid), shifted with the blob
+    fixed_points = np.array([[12, 12, 5], [12, 5, 12], [19, 12, 12], [8, 15, 10]], np.float64)
+    lps = (fixed_points + (2.0, -1.5, 1.0)) * 2.0 * (-1, -1, 1)
+    np.savetxt(tmp_path / "fixed_points.txt", fixed_points)
+    rows = "\n".join(f"{x},{y},{z},0" for x, y, z in lps)
+    (tmp_path / "moving_points.csv").write_text(f"x,y,z,t\n{rows}\n")
     code = main(
         [
             "--fixed", pair["fixed"], "--moving", pair["moving"], "--out", str(pair["out"]),
             "--fixed-seg", pair["fixed_seg"], "--moving-seg", pair["moving_seg"],
+            "--fixed-points", str(tmp_path / "fixed_points.txt"),
+            "--moving-points", str(tmp_path / "moving_points.csv"),
             "--instance-steps", "40", "--quiet",
         ]
     )  # fmt: skip
@@ -56,6 +65,9 @@ def test_registers_a_shifted_blob_without_a_model(pair):
     assert metrics["dice_mean"] > metrics["dice_mean_before"] + 0.1
     assert metrics["ncc_after"] > metrics["ncc_before"]
     assert metrics["folding_percent"] < 0.1
+    # the shift, 2 mm voxels: the landmarks start sqrt(2^2 + 1.5^2 + 1) * 2 mm apart
+    assert metrics["tre_mm_before"] == pytest.approx(2.0 * np.sqrt(7.25), abs=1e-4)
+    assert metrics["tre_mm"] < 0.5 * metrics["tre_mm_before"]
     ddf = nib.load(str(pair["out"] / "ddf.nii.gz"))
     assert ddf.shape == (*SHAPE, 3)
     # Moving = fixed shifted by +2 voxels along axis 0: the centre's displacement is ~ +2 voxels,

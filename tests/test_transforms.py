@@ -193,6 +193,45 @@ def test_points_forward_then_back_and_inverse_consistency(registered, tmp_path):
     assert error_mm.max() < 0.1
 
 
+def test_ants_csv_points_map_as_simpleitk_maps_them_through_ddf_itk(registered, tmp_path):
+    """Physical landmarks in ANTs' CSV form (x,y,z,t in LPS mm): adreg-apply maps fixed points
+    to moving points as SimpleITK's DisplacementFieldTransform does through ddf_itk.nii.gz (the
+    map ITK resamples with, which antsApplyTransformsToPoints applies to points), keeps the
+    other columns, and the elastix 'point' form and the plain voxel form give the same points."""
+    out = registered["out"]
+    voxels = np.random.default_rng(1).uniform(4, 14, size=(12, 3))
+    lps = (voxels @ FIXED_AFFINE[:3, :3].T + FIXED_AFFINE[:3, 3]) * (-1, -1, 1)
+    rows = [f"{x:.6f},{y:.6f},{z:.6f},0,{n}" for n, (x, y, z) in enumerate(lps)]
+    (tmp_path / "fixed.csv").write_text("x,y,z,t,label\n" + "\n".join(rows) + "\n")
+    argv = ["--transform", str(out), "--points", str(tmp_path / "fixed.csv")]
+    assert apply([*argv, "--out", str(tmp_path / "moving.csv")]) == 0
+    with open(tmp_path / "moving.csv") as handle:
+        mapped = list(csv.DictReader(handle))
+    assert [row["label"] for row in mapped] == [str(n) for n in range(len(lps))]
+    ours = np.array([[float(row[axis]) for axis in "xyz"] for row in mapped])
+
+    field = sitk.Cast(sitk.ReadImage(str(out / "ddf_itk.nii.gz")), sitk.sitkVectorFloat64)
+    itk = sitk.DisplacementFieldTransform(field)
+    theirs = np.array([itk.TransformPoint(tuple(map(float, p))) for p in lps])
+    assert np.abs(theirs - lps).max() > 2.0  # the points moved
+    np.testing.assert_allclose(ours, theirs, atol=1e-3)
+
+    # the same landmarks as an elastix 'point' file and as canonical voxels: the same result
+    body = "\n".join(" ".join(f"{v:.6f}" for v in p) for p in lps)
+    (tmp_path / "fixed_elastix.txt").write_text(f"point\n{len(lps)}\n{body}\n")
+    argv = ["--transform", str(out), "--points", str(tmp_path / "fixed_elastix.txt")]
+    assert apply([*argv, "--out", str(tmp_path / "moving_elastix.txt")]) == 0
+    lines = (tmp_path / "moving_elastix.txt").read_text().split("\n")
+    assert lines[:2] == ["point", str(len(lps))]
+    np.testing.assert_allclose(np.loadtxt(lines[2:]), ours, atol=1e-5)
+    np.savetxt(tmp_path / "fixed.txt", voxels)
+    argv = ["--transform", str(out), "--points", str(tmp_path / "fixed.txt")]
+    assert apply([*argv, "--out", str(tmp_path / "moving.txt")]) == 0
+    moving_voxels = np.loadtxt(tmp_path / "moving.txt")
+    in_mm = (moving_voxels @ MOVING_AFFINE[:3, :3].T + MOVING_AFFINE[:3, 3]) * (-1, -1, 1)
+    np.testing.assert_allclose(in_mm, ours, atol=1e-3)
+
+
 def test_bad_inputs_one_line_errors(registered, tmp_path, capsys):
     out = registered["out"]
     empty = tmp_path / "empty"

@@ -16,6 +16,7 @@ import numpy as np
 from isal import igzip
 
 from adreg_jax.data import preprocess
+from adreg_jax.data.points import read_point_file
 
 # the masks are adreg-register's (--pairs columns); the training pipeline reads the others
 PAIR_KEYS = (
@@ -93,47 +94,12 @@ def read_pair_list(path: str | Path) -> list[dict[str, str]]:
     return pairs
 
 
-def read_points(path: str | Path) -> np.ndarray:
-    """(N, 3) float32 0-based voxel coords from a text file of three numbers per line (whose
-    axes is the caller's convention: ``NiftiPairs`` takes them along their image file's axes and
-    reorients them with ``canonical_points``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"point file {path} missing")
-    points = np.loadtxt(path, ndmin=2, dtype=np.float64)
-    if points.shape[1] != 3:
-        raise ValueError(f"{path}: expected three columns per point, got {points.shape[1]}")
-    return points.astype(np.float32)
-
-
-def canonical_points(points: np.ndarray, image_path: str | Path) -> np.ndarray:
-    """Points given in the voxel axes of the file ``image_path`` -> the axes of its canonical
-    RAS+ array (what ``load_nifti`` returns): the same permutation and flips as the image.
-
-    points: (N, 3) 0-based voxel coords along the file's array axes i, j, k. Returns (N, 3)
-    float32. Only the header is read.
-    """
-    path = Path(image_path)
-    try:
-        image = nib.load(str(path))
-    except Exception as err:  # nibabel raises several types for unreadable files
-        raise ValueError(f"{path}: not a readable NIfTI file ({err})") from err
-    # as_closest_canonical: file axis k becomes canonical axis ornt[k, 0], flipped if ornt[k, 1]<0
-    ornt = nib.orientations.io_orientation(image.affine)
-    points = np.asarray(points, np.float64)
-    out = np.empty_like(points)
-    for axis in range(3):
-        target, flip = int(ornt[axis, 0]), ornt[axis, 1] < 0
-        size = image.shape[axis]
-        out[:, target] = (size - 1 - points[:, axis]) if flip else points[:, axis]
-    return out.astype(np.float32)
-
-
 class NiftiPairs:
     """Random-access pairs of a pair list (rows whose ``split`` matches; all rows for "train"
     when no row names a split). Images are min-max normalised to [0, 1] and brought to canonical
-    RAS+ (``load_nifti``); point files hold voxel coords in their own image file's axes and are
-    reoriented with it (``canonical_points``)."""
+    RAS+ (``load_nifti``). Point files (``points.read_point_file``): physical points (an ANTs CSV,
+    an elastix file), or voxel coordinates along their own image file's axes, reoriented with
+    it."""
 
     def __init__(self, list_path: str | Path, split: str):
         pairs = read_pair_list(list_path)
@@ -149,7 +115,7 @@ class NiftiPairs:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         pair = self.pairs[index]
         fixed, affine = load_nifti(pair["fixed"])
-        moving, _ = load_nifti(pair["moving"])
+        moving, moving_affine = load_nifti(pair["moving"])
         if fixed.shape != moving.shape:
             raise ValueError(
                 f"{pair['moving']}: shape {moving.shape} differs from fixed {pair['fixed']} "
@@ -163,9 +129,13 @@ class NiftiPairs:
         for key in ("fixed_seg", "moving_seg"):
             if key in pair:
                 element[key] = load_nifti(pair[key])[0].astype(np.int32)
-        for key, image in (("fixed_points", "fixed"), ("moving_points", "moving")):
+        for key, image, image_affine in (
+            ("fixed_points", "fixed", affine),
+            ("moving_points", "moving", moving_affine),
+        ):
             if key in pair:
-                element[key] = canonical_points(read_points(pair[key]), pair[image])
+                points = read_point_file(pair[key], plain="file")
+                element[key] = points.to_voxels(image_affine, pair[image])
         return element
 
 

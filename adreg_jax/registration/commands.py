@@ -56,9 +56,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import numpy as np
 
-from adreg_jax.data.nifti import read_points, save_nifti
+from adreg_jax.data.nifti import save_nifti
+from adreg_jax.data.points import read_point_file, write_point_file
 from adreg_jax.registration import programs
 from adreg_jax.registration.cohort import run_cohort
 from adreg_jax.registration.deformable import SIMILARITIES
@@ -144,8 +144,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--fixed-seg")
     parser.add_argument("--moving-seg")
-    parser.add_argument("--fixed-points")
-    parser.add_argument("--moving-points")
+    points_help = (
+        "landmarks of the {} image for TRE: an ANTs CSV (x,y,z,t, LPS mm), an elastix point "
+        "file ('point': LPS mm; 'index': voxel indices along the file's axes), or three "
+        "numbers per line, 0-based voxel coordinates of the canonical RAS+ arrays"
+    )
+    parser.add_argument("--fixed-points", help=points_help.format("fixed"))
+    parser.add_argument("--moving-points", help=points_help.format("moving"))
     parser.add_argument(
         "--fixed-mask",
         help="the similarity counts only the voxels inside (nonzero); on the fixed image's grid",
@@ -356,8 +361,10 @@ def parse_apply_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     source.add_argument(
         "--points",
-        help="three numbers per line, 0-based voxel coordinates (canonical RAS+ axes) of the "
-        "fixed image, mapped to the moving image's (with --inverse: moving to fixed)",
+        help="points of the fixed image mapped to the moving image's (with --inverse: moving to "
+        "fixed), written in the form read: an ANTs CSV (x,y,z,t, LPS mm), an elastix 'point' "
+        "file (LPS mm), or three numbers per line, 0-based voxel coordinates of the canonical "
+        "RAS+ arrays",
     )
     parser.add_argument("--out", required=True, help="the warped NIfTI image, or a point file")
     parser.add_argument(
@@ -383,9 +390,10 @@ def apply(args: argparse.Namespace) -> dict:
     if args.points:
         if args.labels or args.reference:
             raise ValueError("--labels and --reference apply to images, not to --points")
-        mapped = transform.map_points(read_points(args.points))
-        np.savetxt(args.out, mapped, fmt="%.6f")
-        return {"points": len(mapped), "out": args.out}
+        points = read_point_file(args.points)  # voxels of the transform's fixed grid, or mm
+        mapped = transform.map_points(points.to_voxels(transform.fixed.affine))
+        write_point_file(args.out, points.with_voxels(mapped, transform.moving.affine))
+        return {"points": len(mapped), "out": args.out, "form": points.form}
     image, affine = load_volume(args.moving, "--moving")
     reference = None
     if args.reference:

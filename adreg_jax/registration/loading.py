@@ -13,11 +13,11 @@ to -500 HU) get 40 % of the range whatever bone, metal or the field of view's pa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from adreg_jax.data.nifti import load_nifti
+from adreg_jax.data.points import PointFile
 
 MODALITIES = ("auto", "ct", "mr")
 # Air to soft tissue and contrast-filled vessels: the lung parenchyma, its vessels and airways,
@@ -137,24 +137,18 @@ def load_mask(path: str, flag: str, image_shape, image_affine) -> np.ndarray:
     return mask
 
 
-def check_points_inside(points: np.ndarray, shape, path: str, flag: str) -> None:
-    """Every point (0-based voxel coordinates) must lie inside its image, [0, n - 1] per axis;
-    the error names the file's line of the first that does not."""
+def check_points_inside(points: np.ndarray, shape, file: PointFile, flag: str) -> None:
+    """Every point (0-based voxel coordinates of the canonical array) must lie inside its image,
+    [0, n - 1] per axis; the error names the file's line of the first that does not."""
     outside = np.any((points < -1e-3) | (points > np.asarray(shape) - 1 + 1e-3), axis=1)
     if not outside.any():
         return
     index = int(np.argmax(outside))
-    # np.loadtxt skips blank lines and '#' comments: count them back to name the file's line
-    lines = [
-        number
-        for number, line in enumerate(Path(path).read_text().splitlines(), start=1)
-        if line.split("#", 1)[0].strip()
-    ]
-    line = lines[index] if index < len(lines) else index + 1
-    point = tuple(np.round(points[index].astype(np.float64), 3).tolist())
+    point = tuple(np.round(file.values[index].astype(np.float64), 3).tolist())
     raise ValueError(
-        f"{flag} {path} line {line}: point {point} lies "
-        f"outside its image (voxel coordinates 0..n-1 of shape {tuple(shape)}); "
+        f"{flag} {file.path} line {int(file.lines[index])}: point {point} lies outside its "
+        f"image (at voxel {tuple(np.round(points[index].astype(np.float64), 1).tolist())} of "
+        f"the canonical array of shape {tuple(shape)}, voxels 0..n-1); "
         f"{int(outside.sum())} of {len(points)} points are outside"
     )
 

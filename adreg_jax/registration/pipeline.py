@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adreg_jax.data.nifti import read_points, save_nifti
+from adreg_jax.data.nifti import save_nifti
+from adreg_jax.data.points import read_point_file
 from adreg_jax.registration import programs
 from adreg_jax.registration.affine import affine_then, affine_warp, optimise_affine
 from adreg_jax.registration.deformable import (
@@ -254,12 +255,12 @@ def register_pair(
     if bool(pair.get("fixed_points")) != bool(pair.get("moving_points")):
         raise ValueError("give both --fixed-points and --moving-points, or neither")
     if pair.get("fixed_points"):
-        fixed_points = read_points(pair["fixed_points"])
-        check_points_inside(fixed_points, shape, pair["fixed_points"], "--fixed-points")
-        moving_native = read_points(pair["moving_points"])
-        check_points_inside(
-            moving_native, moving_raw.shape, pair["moving_points"], "--moving-points"
-        )
+        fixed_file = read_point_file(pair["fixed_points"])
+        fixed_points = fixed_file.to_voxels(fixed_affine, pair["fixed"])
+        check_points_inside(fixed_points, shape, fixed_file, "--fixed-points")
+        moving_file = read_point_file(pair["moving_points"])
+        moving_native = moving_file.to_voxels(moving_affine, pair["moving"])
+        check_points_inside(moving_native, moving_raw.shape, moving_file, "--moving-points")
         moving_points = moving_points_on_fixed_grid(moving_native, moving_affine, fixed_affine)
         if fixed_points.shape != moving_points.shape:
             raise ValueError(
