@@ -162,8 +162,10 @@ def test_pairs_reorient_points_with_oblique_lps_images(tmp_path):
     nib.save(nib.Nifti1Image(fixed, affine), str(tmp_path / "fixed.nii.gz"))
     nib.save(nib.Nifti1Image(moving, affine), str(tmp_path / "moving.nii.gz"))
     points = np.array([[2, 4, 3], [5, 8, 6], [7, 6, 9], [3, 9, 4]], np.float32)
-    np.savetxt(tmp_path / "fixed.txt", points)
-    np.savetxt(tmp_path / "moving.txt", points + shift)
+    # voxel indices along the file's axes: an elastix 'index' file
+    for name, values in (("fixed.txt", points), ("moving.txt", points + shift)):
+        rows = "\n".join(" ".join(map(str, p)) for p in values)
+        (tmp_path / name).write_text(f"index\n{len(values)}\n{rows}\n")
     (tmp_path / "pairs.csv").write_text(
         "fixed,moving,fixed_points,moving_points\nfixed.nii.gz,moving.nii.gz,fixed.txt,moving.txt\n"
     )
@@ -185,6 +187,15 @@ def test_pairs_reorient_points_with_oblique_lps_images(tmp_path):
     ddf = np.broadcast_to(canonical_shift.astype(np.float32), canonical.shape + (3,))
     after = ops.tre(pair["fixed_points"], pair["moving_points"], ddf, pair["spacing"])
     np.testing.assert_allclose(after, 0.0, atol=1e-5)
+    # plain text holds voxel coordinates of the canonical arrays, as for adreg-register: the
+    # same points, placed through world mm
+    world = points @ affine[:3, :3].T + affine[:3, 3]
+    canonical_points = np.linalg.solve(
+        canonical_affine[:3, :3], (world - canonical_affine[:3, 3]).T
+    )
+    np.savetxt(tmp_path / "fixed.txt", canonical_points.T)
+    plain = pipeline.build_dataset(data, "train", seed=0)[0]
+    np.testing.assert_allclose(plain["fixed_points"], pair["fixed_points"], atol=1e-4)
     # and the same field warps the moving image onto the fixed one (away from the wrapped edge)
     warped = np.asarray(ops.warp(pair["moving"], ddf))[..., 0]
     inner = tuple(slice(3, -3) for _ in range(3))

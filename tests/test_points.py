@@ -42,17 +42,15 @@ def test_every_form_gives_the_same_canonical_voxels(image, tmp_path):
     body = "\n".join(" ".join(map(str, p)) for p in INDICES)
     (tmp_path / "elastix_index.txt").write_text(f"index\n{len(INDICES)}\n{body}\n")
     np.savetxt(tmp_path / "canonical.txt", expected)
-    np.savetxt(tmp_path / "file_axes.txt", INDICES)
 
     forms = {
-        "ants.csv": ("ants_csv", "canonical"),
-        "elastix_point.txt": ("elastix_point", "canonical"),
-        "elastix_index.txt": ("elastix_index", "canonical"),
-        "canonical.txt": ("voxel", "canonical"),
-        "file_axes.txt": ("file_voxel", "file"),
+        "ants.csv": "ants_csv",
+        "elastix_point.txt": "elastix_point",
+        "elastix_index.txt": "elastix_index",
+        "canonical.txt": "voxel",
     }
-    for name, (form, plain) in forms.items():
-        points = read_point_file(tmp_path / name, plain=plain)
+    for name, form in forms.items():
+        points = read_point_file(tmp_path / name)
         assert points.form == form
         voxels = points.to_voxels(canonical_affine, path)
         np.testing.assert_allclose(voxels, expected, atol=1e-4, err_msg=name)
@@ -60,7 +58,7 @@ def test_every_form_gives_the_same_canonical_voxels(image, tmp_path):
         write_point_file(
             tmp_path / f"again_{name}", points.with_voxels(voxels, canonical_affine, path)
         )
-        again = read_point_file(tmp_path / f"again_{name}", plain=plain)
+        again = read_point_file(tmp_path / f"again_{name}")
         assert again.form == form
         np.testing.assert_allclose(again.values, points.values, atol=1e-4, err_msg=name)
     again = read_point_file(tmp_path / "again_ants.csv")

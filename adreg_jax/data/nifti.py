@@ -97,9 +97,10 @@ def read_pair_list(path: str | Path) -> list[dict[str, str]]:
 class NiftiPairs:
     """Random-access pairs of a pair list (rows whose ``split`` matches; all rows for "train"
     when no row names a split). Images are min-max normalised to [0, 1] and brought to canonical
-    RAS+ (``load_nifti``). Point files (``points.read_point_file``): physical points (an ANTs CSV,
-    an elastix file), or voxel coordinates along their own image file's axes, reoriented with
-    it."""
+    RAS+ (``load_nifti``). Point files are read as adreg-register reads them
+    (``points.read_point_file``: physical points, voxel indices along their image file's axes in
+    an elastix ``index`` file, or voxel coordinates of the canonical arrays) and brought to the
+    canonical arrays' voxels."""
 
     def __init__(self, list_path: str | Path, split: str):
         pairs = read_pair_list(list_path)
@@ -134,7 +135,7 @@ class NiftiPairs:
             ("moving_points", "moving", moving_affine),
         ):
             if key in pair:
-                points = read_point_file(pair[key], plain="file")
+                points = read_point_file(pair[key])
                 element[key] = points.to_voxels(image_affine, pair[image])
         return element
 

@@ -15,9 +15,8 @@ The form is told by the file's first line:
   then one point per line): ``point``, physical points in LPS mm; ``index``, 0-based voxel
   indices along the image file's own array axes (ITK's index).
 - anything else: three numbers per line (``#`` comments and blank lines skipped), 0-based voxel
-  coordinates; along the canonical arrays' axes (``plain="canonical"``, adreg-register's and
-  adreg-apply's convention) or along the image file's axes (``plain="file"``, the ``pairs`` data
-  set's).
+  coordinates along the canonical arrays' axes (what ``load_nifti`` returns; adreg-apply writes
+  them so).
 
 Physical points need only the image's world affine; voxel indices along the file's axes need the
 image file itself (its orientation), given as ``image_path``.
@@ -35,7 +34,7 @@ import numpy as np
 
 LPS = np.array([-1.0, -1.0, 1.0])  # RAS mm <-> LPS mm: x and y change sign
 
-FORMS = ("voxel", "file_voxel", "ants_csv", "elastix_point", "elastix_index")
+FORMS = ("voxel", "ants_csv", "elastix_point", "elastix_index")
 
 
 @dataclass
@@ -58,7 +57,7 @@ class PointFile:
             world = self.values * LPS
             inverse = np.linalg.inv(np.asarray(affine, np.float64))
             return (world @ inverse[:3, :3].T + inverse[:3, 3]).astype(np.float32)
-        if self.form in ("file_voxel", "elastix_index"):
+        if self.form == "elastix_index":
             return _file_to_canonical(self.values, _image_for(self, image_path), forward=True)
         return self.values.astype(np.float32)
 
@@ -71,7 +70,7 @@ class PointFile:
         if self.form in ("ants_csv", "elastix_point"):
             affine = np.asarray(affine, np.float64)
             values = (voxels @ affine[:3, :3].T + affine[:3, 3]) * LPS
-        elif self.form in ("file_voxel", "elastix_index"):
+        elif self.form == "elastix_index":
             values = _file_to_canonical(voxels, _image_for(self, image_path), forward=False)
         else:
             values = voxels
@@ -79,11 +78,8 @@ class PointFile:
         return PointFile(self.path, self.form, values, lines, self.header, self.extra)
 
 
-def read_point_file(path: str | Path, plain: str = "canonical") -> PointFile:
-    """A point file in any of the module's forms (``plain``: "canonical" or "file", the axes of
-    three numbers per line)."""
-    if plain not in ("canonical", "file"):
-        raise ValueError(f"plain={plain!r}: expected 'canonical' or 'file'")
+def read_point_file(path: str | Path) -> PointFile:
+    """A point file in any of the module's forms."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"point file {path} missing")
@@ -103,8 +99,7 @@ def read_point_file(path: str | Path, plain: str = "canonical") -> PointFile:
             continue
         rows.append(_numbers(content, path, number, 3, "three numbers (voxel coordinates)"))
         lines.append(number)
-    form = "voxel" if plain == "canonical" else "file_voxel"
-    return PointFile(str(path), form, _array(rows), np.asarray(lines, int))
+    return PointFile(str(path), "voxel", _array(rows), np.asarray(lines, int))
 
 
 def write_point_file(path: str | Path, points: PointFile) -> None:
