@@ -120,6 +120,7 @@ def test_lung_phantom_landmarks_follow_the_true_motion():
     assert batch["points_mask"].shape == (2, 32)
 
 
+@pytest.mark.slow
 def test_a_stream_started_at_a_batch_is_the_same_with_worker_processes():
     from absl import flags
 

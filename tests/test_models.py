@@ -60,6 +60,7 @@ def param_paths(config, shape=(16, 16, 16)):
     return set(traverse_util.flatten_dict(shapes["params"], sep="/"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(16, 16, 16), (12, 20, 17)])
 def test_outputs_have_the_documented_shapes_and_start_at_identity(shape):
     model = build_model(tiny_config())
@@ -145,6 +146,7 @@ def test_every_parameter_gets_a_gradient_after_a_few_steps():
     assert not zero, f"parameters without gradient: {zero}"
 
 
+@pytest.mark.slow
 def test_bfloat16_variant_runs_with_float32_parameters():
     model = build_model(tiny_config(dtype="bfloat16"))
     fixed, moving = pair((16, 16, 16))

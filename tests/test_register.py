@@ -40,6 +40,7 @@ def pair(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_registers_a_shifted_blob_without_a_model(pair, tmp_path):
     # landmarks on the blob's surface: the fixed ones as voxel coordinates, the moving ones as
     # physical points in ANTs' CSV form (LPS mm of the 2 mm diagonal grid), shifted with the blob
@@ -224,6 +225,7 @@ def test_resize_linear_matches_jax_image_resize():
         np.testing.assert_allclose(ops.resize_ddf(x, target), expected * scale, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_the_deformable_steps_shortcuts_give_the_plain_values_and_gradients():
     """What the deformable step does for speed computes what the plain code does: the warp's
     cells computed once (``index_once``), the image gradient's in-place scatter-adds (against
@@ -467,6 +469,7 @@ def test_affine_then_a_field_is_their_composition():
     np.testing.assert_allclose(exact[0][inside], reference[0][inside], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_masks_restrict_the_affine_stage(tmp_path):
     # A textured ellipsoid shifted by `shift`, and in each image a bright sphere elsewhere that
     # moved another way (a table, an arm): without masks the affine map compromises between the

@@ -246,6 +246,7 @@ def test_non_finite_loss_stops_the_run_with_a_clear_error(tmp_path, monkeypatch)
     assert not (tmp_path / "checkpoints" / "1").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_and_the_time_limit_stop_the_run_after_saving(tmp_path, monkeypatch, capsys):
     """SIGTERM (a scheduler's preemption) during step 2 ends the run once step 2 is saved; the
     same call resumes it, and ``train.max_minutes`` stops it the same way (here after its first
