@@ -34,14 +34,13 @@ import numpy as np
 
 LPS = np.array([-1.0, -1.0, 1.0])  # RAS mm <-> LPS mm: x and y change sign
 
-FORMS = ("voxel", "ants_csv", "elastix_point", "elastix_index")
-
 
 @dataclass
 class PointFile:
     """Points as a file holds them: ``values`` (N, 3) in the file's own units and axes, ``form``
-    (one of ``FORMS``), ``lines`` (N,) the file's 1-based line of each point (for errors), and
-    for an ANTs CSV its ``header`` and each row's other columns (``extra``), written back."""
+    ("voxel", "ants_csv", "elastix_point" or "elastix_index"), ``lines`` (N,) the file's 1-based
+    line of each point (for errors), and for an ANTs CSV its ``header`` and each row's other
+    columns (``extra``), written back."""
 
     path: str
     form: str
@@ -53,12 +52,12 @@ class PointFile:
     def to_voxels(self, affine: np.ndarray, image_path: str | Path | None = None) -> np.ndarray:
         """(N, 3) float32 0-based voxel coordinates of the canonical array whose voxel-to-world
         RAS+ matrix is ``affine`` (the image the points belong to, ``image_path`` its file)."""
+        to_voxels = np.linalg.inv(np.asarray(affine, np.float64))  # world RAS mm -> voxels
         if self.form in ("ants_csv", "elastix_point"):
-            world = self.values * LPS
-            inverse = np.linalg.inv(np.asarray(affine, np.float64))
-            return (world @ inverse[:3, :3].T + inverse[:3, 3]).astype(np.float32)
+            return _mapped(to_voxels, self.values * LPS).astype(np.float32)
         if self.form == "elastix_index":
-            return _file_to_canonical(self.values, _image_for(self, image_path), forward=True)
+            file_affine = _file_affine(self, image_path)
+            return _mapped(to_voxels @ file_affine, self.values).astype(np.float32)
         return self.values.astype(np.float32)
 
     def with_voxels(
@@ -67,11 +66,11 @@ class PointFile:
         """Points in this file's form from canonical voxel coordinates ``voxels`` (N, 3) of the
         image of ``affine`` (``image_path``): the inverse of ``to_voxels``, for writing."""
         voxels = np.asarray(voxels, np.float64).reshape(-1, 3)
+        affine = np.asarray(affine, np.float64)
         if self.form in ("ants_csv", "elastix_point"):
-            affine = np.asarray(affine, np.float64)
-            values = (voxels @ affine[:3, :3].T + affine[:3, 3]) * LPS
+            values = _mapped(affine, voxels) * LPS
         elif self.form == "elastix_index":
-            values = _file_to_canonical(voxels, _image_for(self, image_path), forward=False)
+            values = _mapped(np.linalg.inv(_file_affine(self, image_path)) @ affine, voxels)
         else:
             values = voxels
         lines = np.arange(1, len(values) + 1)
@@ -175,33 +174,21 @@ def _array(rows: list[list[float]]) -> np.ndarray:
     return np.asarray(rows, np.float64).reshape(-1, 3)
 
 
-def _image_for(points: PointFile, image_path: str | Path | None) -> Path:
+def _mapped(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Points (N, 3) through a 4x4 affine map."""
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def _file_affine(points: PointFile, image_path: str | Path | None) -> np.ndarray:
+    """The voxel-to-world matrix of the image file's own array axes (its header's affine; the
+    canonical array's is this one reoriented, ``nib.as_closest_canonical``)."""
     if image_path is None:
         raise ValueError(
             f"{points.path}: voxel indices along an image file's axes need that image file; "
             "give physical points (an ANTs CSV x,y,z,t or an elastix 'point' file) or voxel "
             "coordinates of the canonical arrays"
         )
-    return Path(image_path)
-
-
-def _file_to_canonical(points: np.ndarray, image_path: Path, forward: bool) -> np.ndarray:
-    """Voxel coordinates along the file's array axes -> along its canonical RAS+ array's axes
-    (``forward``), or back: the permutation and flips ``nib.as_closest_canonical`` applies."""
     try:
-        image = nib.load(str(image_path))
+        return np.asarray(nib.load(str(image_path)).affine, np.float64)
     except Exception as err:  # nibabel raises several types for unreadable files
         raise ValueError(f"{image_path}: not a readable NIfTI file ({err})") from err
-    ornt = nib.orientations.io_orientation(image.affine)
-    points = np.asarray(points, np.float64).reshape(-1, 3)
-    out = np.empty_like(points)
-    for axis in range(3):  # file axis ``axis`` is canonical axis ``target``
-        target, flip = int(ornt[axis, 0]), ornt[axis, 1] < 0
-        size = image.shape[axis]
-        source = points[:, axis] if forward else points[:, target]
-        value = (size - 1 - source) if flip else source
-        if forward:
-            out[:, target] = value
-        else:
-            out[:, axis] = value
-    return out.astype(np.float32) if forward else out
