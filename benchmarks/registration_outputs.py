@@ -123,15 +123,21 @@ def peers_resample(moving: Path, field: Path, reference: Path) -> dict[str, floa
     return result
 
 
-def points_there_and_back(out: Path, fixed: Path, work: Path, count: int = 2000) -> dict:
-    """Points inside the fixed brain (canonical voxel coordinates) forward, then --inverse."""
+def brain_points(fixed: Path, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(``count`` canonical voxel coordinates inside the fixed brain, each jittered within its
+    voxel; the fixed image's canonical affine)."""
     from adreg_jax.data.nifti import load_nifti
 
     array, affine = load_nifti(fixed)
     inside = np.argwhere(array > np.percentile(array, 60)).astype(np.float64)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     points = inside[rng.choice(len(inside), count, replace=False)]
-    points += rng.uniform(-0.5, 0.5, (count, 3))
+    return points + rng.uniform(-0.5, 0.5, (count, 3)), affine
+
+
+def points_there_and_back(out: Path, fixed: Path, work: Path, count: int = 2000) -> dict:
+    """Points inside the fixed brain (canonical voxel coordinates) forward, then --inverse."""
+    points, affine = brain_points(fixed, count, seed=0)
     np.savetxt(work / "points.txt", points)
     apply = ["adreg-apply", "--transform", str(out), "--points"]
     run(*apply, str(work / "points.txt"), "--out", str(work / "moved.txt"))
@@ -155,12 +161,7 @@ def points_against_ants(out: Path, fixed: Path, work: Path, count: int = 2000) -
     import ants
     import pandas as pd
 
-    from adreg_jax.data.nifti import load_nifti
-
-    array, affine = load_nifti(fixed)
-    inside = np.argwhere(array > np.percentile(array, 60)).astype(np.float64)
-    rng = np.random.default_rng(1)
-    voxels = inside[rng.choice(len(inside), count, replace=False)]
+    voxels, affine = brain_points(fixed, count, seed=1)
     lps = (voxels @ affine[:3, :3].T + affine[:3, 3]) * (-1, -1, 1)
     table = pd.DataFrame({"x": lps[:, 0], "y": lps[:, 1], "z": lps[:, 2], "t": 0.0})
     table.to_csv(work / "points.csv", index=False)
